@@ -1,0 +1,90 @@
+"""Dropless MoE compute in plain jax.numpy / lax: the reference every backend matches.
+
+Shape letters: T tokens, D model width, H expert hidden, E experts, K experts per
+token (routed + shared), M = T * K token copies.
+
+  dispatch -> grouped_swiglu -> combine
+Token copies are sorted by expert (invalid copies, i.e. padding, go last and belong
+to no group), every expert runs a SwiGLU over its contiguous group through
+`jax.lax.ragged_dot`, and the outputs are unsorted and summed with the gates.
+No capacity, no dropped token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Dispatched(NamedTuple):
+    x_sorted: Array  # [M, D]  token copies grouped by expert; invalid copies last
+    order: Array  # i32[M]  copy index (t * K + j) of each sorted row
+    group_sizes: Array  # i32[E]  rows of each expert; sum <= M
+    valid_sorted: Array  # bool[M]  False for padding copies (rows past sum(group_sizes))
+
+
+def sort_copies(expert_ids: Array, valid: Array, num_experts: int) -> tuple[Array, Array, Array]:
+    """Sort order of the T*K token copies by expert; invalid copies sort last.
+
+    expert_ids: i32[T, K]; valid: bool[T]. Returns (order i32[M], group_sizes i32[E],
+    valid_sorted bool[M]).
+    """
+    k = expert_ids.shape[-1]
+    valid_copies = jnp.repeat(valid, k)
+    keys = jnp.where(valid_copies, expert_ids.reshape(-1), num_experts)
+    order = jnp.argsort(keys, stable=True).astype(jnp.int32)
+    group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[keys].add(1)[:num_experts]
+    return order, group_sizes, valid_copies[order]
+
+
+def dispatch(x: Array, expert_ids: Array, valid: Array, num_experts: int) -> Dispatched:
+    """Gathers every token copy into an expert-sorted buffer. x: [T, D] -> [M, D]."""
+    order, group_sizes, valid_sorted = sort_copies(expert_ids, valid, num_experts)
+    token_of_copy = order // expert_ids.shape[-1]
+    return Dispatched(x[token_of_copy], order, group_sizes, valid_sorted)
+
+
+def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """lhs: [M, A], rhs: [E, A, B], rows grouped by group_sizes i32[E] -> [M, B]."""
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+
+
+def grouped_swiglu(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array,
+                   group_sizes: Array) -> Array:
+    """E_i(x) = W_down (silu(W_gate x) * W_up x) per group. [M, D] -> [M, D].
+
+    w_gate, w_up: [E, D, H]; w_down: [E, H, D].
+    """
+    gate = grouped_matmul(x_sorted, w_gate, group_sizes)
+    up = grouped_matmul(x_sorted, w_up, group_sizes)
+    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+
+
+def combine(y_sorted: Array, order: Array, valid_sorted: Array, gates: Array) -> Array:
+    """Unsorts the expert outputs and sums each token's K copies weighted by its gates.
+
+    y_sorted: [M, D]; gates: f32[T, K] -> [T, D]. Rows of invalid copies are masked
+    with `where` (not a multiply), so garbage or NaN there can never leak.
+    """
+    tokens, k = gates.shape
+    y_sorted = jnp.where(valid_sorted[:, None], y_sorted, 0)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    y = y.reshape(tokens, k, -1).astype(jnp.float32)
+    return jnp.einsum("tkd,tk->td", y, gates.astype(jnp.float32)).astype(y_sorted.dtype)
+
+
+def moe_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array,
+            w_gate: Array, w_up: Array, w_down: Array) -> Array:
+    """y_t = sum_j gates[t, j] * E_{ids[t, j]}(x_t), dropless. Padding tokens give 0.
+
+    x: [T, D]; expert_ids: i32[T, K] (routed and shared); gates: f32[T, K];
+    valid: bool[T]; weights [E, D, H], [E, D, H], [E, H, D].
+    """
+    num_experts = w_gate.shape[0]
+    d = dispatch(x, expert_ids, valid, num_experts)
+    y_sorted = grouped_swiglu(d.x_sorted, w_gate, w_up, w_down, d.group_sizes)
+    return combine(y_sorted, d.order, d.valid_sorted, gates)

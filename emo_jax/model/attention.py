@@ -1,0 +1,39 @@
+"""Multi-head causal self-attention, masked within documents, with optional QK-norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from emo_jax.config import ModelConfig
+from emo_jax.model.layers import RMSNorm, causal_segment_mask, dense_init, param_with_axes, rope
+
+Array = jax.Array
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
+        """x: [B, S, D]; segment_ids, positions: i32[B, S] -> [B, S, D]."""
+        cfg = self.config
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = dense_init(cfg.init_std)
+        qkv_shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
+        qkv_axes = ("embed", "heads", "head_dim")
+        x = x.astype(dtype)
+        q, k, v = (
+            jnp.einsum("bsd,dhk->bshk", x, param_with_axes(self, name, init, qkv_shape, pdtype, qkv_axes).astype(dtype))
+            for name in ("q_proj", "k_proj", "v_proj"))
+        if cfg.qk_norm:
+            # OLMoE normalises the whole projected width, not each head separately.
+            q = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), pdtype, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), pdtype, name="k_norm")(k)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        mask = causal_segment_mask(segment_ids)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        w_o = param_with_axes(self, "o_proj", init, (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype,
+                              ("heads", "head_dim", "embed"))
+        return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dtype))

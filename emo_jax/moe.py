@@ -1,0 +1,60 @@
+"""One EMO MoE layer as a pure function: route -> dispatch -> experts -> combine.
+
+`moe_layer` is the single-device reference. Expert-parallel versions
+(`emo_jax.parallel.expert_parallel`) have the same signature, so the Linen block
+takes either.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from emo_jax import routing
+from emo_jax.kernels import reference
+
+Array = jax.Array
+
+
+class MoELayerFn(Protocol):
+    def __call__(self, x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
+                 w_gate: Array, w_up: Array, w_down: Array, *, routed_top_k: int,
+                 n_shared: int) -> tuple[Array, routing.RoutingStats]: ...
+
+
+def router_logits(x: Array, w_router: Array) -> Array:
+    """z = W_r h in float32. x: [..., D]; w_router: f32[D, N] -> f32[..., N]."""
+    return jnp.einsum("...d,dn->...n", x.astype(jnp.float32), w_router.astype(jnp.float32))
+
+
+def route_tokens(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
+                 routed_top_k: int, n_shared: int) -> tuple[Array, Array, routing.RoutingStats]:
+    """Routing of one layer with the shared experts appended.
+
+    x: [B, S, D]; segment_ids: i32[B, S]; pool_sizes: i32[B, G] or None.
+    Returns expert ids i32[B, S, K + n_s], gates f32[B, S, K + n_s], stats.
+    """
+    n_routed = w_router.shape[-1]
+    r = routing.route(router_logits(x, w_router), segment_ids, routed_top_k, pool_sizes,
+                      num_segments=segment_ids.shape[1] + 1)
+    ids, gates = routing.add_shared_experts(r.expert_ids, r.gates, n_routed, n_shared)
+    return ids, gates, r.stats
+
+
+def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
+              w_gate: Array, w_up: Array, w_down: Array, *, routed_top_k: int, n_shared: int,
+              ffn: Callable[..., Array] = reference.moe_ffn) -> tuple[Array, routing.RoutingStats]:
+    """EMO MoE feed-forward on one device.
+
+    x: [B, S, D]; segment_ids: i32[B, S] (0 = padding); pool_sizes: i32[B, S + 1] or
+    None (standard MoE); w_router: f32[D, N]; w_gate, w_up: [E, D, H]; w_down: [E, H, D]
+    with experts N..E-1 shared. Returns (y [B, S, D], stats summed over these tokens).
+    """
+    batch, seq, d_model = x.shape
+    ids, gates, stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared)
+    k = ids.shape[-1]
+    y = ffn(x.reshape(-1, d_model), ids.reshape(-1, k), gates.reshape(-1, k),
+            (segment_ids > 0).reshape(-1), w_gate, w_up, w_down)
+    return y.reshape(batch, seq, d_model), stats
