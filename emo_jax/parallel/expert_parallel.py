@@ -1,0 +1,238 @@
+"""Expert parallelism: the whole MoE layer as a `shard_map` body with explicit collectives.
+
+Outside the MoE block the batch is sharded over (data, fsdp, expert). Inside, every
+device routes its own tokens, then token copies travel along the `expert` axis to
+the device that owns their expert (experts are sharded over `expert`), run through
+the local experts, and travel back. Routing statistics are psum'd over every axis
+that shards tokens, so the load-balance loss sees the global expert frequencies.
+
+Shape letters (local view): T local tokens, K experts per token, M = T * K copies,
+P expert-parallel peers (size of the `expert` axis), E_l = E / P local experts.
+
+Transports (one switch):
+- "all_to_all": a dense exchange of worst-case [P, M, D] buffers (every copy could
+  go to one peer), so nothing is ever dropped; works on every backend.
+- "ragged_all_to_all": sends only the real rows (GPU, TPU v4+; XLA:CPU cannot
+  compile it). The receive buffer is still worst-case sized [P * M, D].
+- "emulated_ragged": the ragged offsets and layout with the exchange done by
+  all_gather; for checking the ragged arithmetic on CPU, never for speed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from emo_jax import compat
+from emo_jax.kernels import reference
+from emo_jax.moe import MoELayerFn, route_tokens
+from emo_jax.parallel.mesh import BATCH_AXES
+from emo_jax.routing import RoutingStats
+
+Array = jax.Array
+EXPERT_AXIS = "expert"
+TRANSPORTS = ("all_to_all", "ragged_all_to_all", "emulated_ragged")
+
+
+def resolve_transport(transport: str) -> str:
+    """'auto' -> ragged_all_to_all where the backend compiles it, else all_to_all."""
+    if transport == "auto":
+        return "ragged_all_to_all" if compat.has_ragged_all_to_all() else "all_to_all"
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown expert-parallel transport {transport!r}; use 'auto' or one of {TRANSPORTS}.")
+    if transport == "ragged_all_to_all" and not compat.has_ragged_all_to_all():
+        raise ValueError(f"kernels.transport=ragged_all_to_all is not supported on backend "
+                         f"'{jax.default_backend()}'; use all_to_all (or auto).")
+    return transport
+
+
+class SendPlan(NamedTuple):
+    """Where this device's expert-sorted copies go."""
+
+    send_sizes: Array  # i32[P]  copies for each peer (contiguous in the sorted buffer)
+    send_offsets: Array  # i32[P]  first sorted row for each peer
+    recv_counts: Array  # i32[P, E_l]  rows each peer sends for each of my local experts
+
+
+def _exclusive_cumsum(x: Array, axis: int = -1) -> Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def send_plan(group_sizes: Array, n_peers: int) -> SendPlan:
+    """group_sizes: i32[E] copies per global expert, experts owned in blocks of E_l."""
+    per_peer = group_sizes.reshape(n_peers, -1)  # [P, E_l]
+    send_sizes = jnp.sum(per_peer, axis=1)
+    recv_counts = jax.lax.all_to_all(per_peer, EXPERT_AXIS, 0, 0)
+    return SendPlan(send_sizes, _exclusive_cumsum(send_sizes), recv_counts)
+
+
+def local_group_keys(recv_counts: Array, rows: int, chunk_capacity: int | None) -> Array:
+    """Local expert of every row of a receive buffer (E_l for rows holding nothing).
+
+    recv_counts: i32[P, E_l], rows each peer sent for each local expert; each peer's
+    chunk is sorted by local expert. chunk_capacity: rows reserved per peer (dense
+    layout, chunk q starts at q * capacity), or None for chunks packed back to back
+    (ragged layout). Returns i32[rows].
+    """
+    n_peers, n_local = recv_counts.shape
+    expert_keys = jnp.arange(n_local, dtype=jnp.int32)
+    if chunk_capacity is not None:
+        gaps = chunk_capacity - jnp.sum(recv_counts, axis=1, keepdims=True)  # [P, 1]
+        lengths = jnp.concatenate([recv_counts, gaps], axis=1).reshape(-1)
+        keys = jnp.tile(jnp.append(expert_keys, n_local), n_peers)
+    else:
+        tail = rows - jnp.sum(recv_counts)
+        lengths = jnp.append(recv_counts.reshape(-1), tail)
+        keys = jnp.append(jnp.tile(expert_keys, n_peers), n_local)
+    return jnp.repeat(keys, lengths, total_repeat_length=rows)
+
+
+def _local_experts(x_recv: Array, keys: Array, n_local: int, w_gate: Array, w_up: Array,
+                   w_down: Array) -> Array:
+    """Runs the rows of a receive buffer through their local experts, in buffer order."""
+    order = jnp.argsort(keys, stable=True)
+    group_sizes = jnp.zeros((n_local + 1,), jnp.int32).at[keys].add(1)[:n_local]
+    y = reference.grouped_swiglu(x_recv[order], w_gate, w_up, w_down, group_sizes)
+    y = jnp.where((keys[order] < n_local)[:, None], y, 0)  # rows past the groups: never leak
+    return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+
+
+def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int) -> Array:
+    """all_to_all of worst-case [P, M, D] buffers; returns expert outputs in sorted order."""
+    m, d = x_sorted.shape
+    n_local = weights[0].shape[0]
+    row = jnp.arange(m, dtype=jnp.int32)
+    src = plan.send_offsets[:, None] + row[None, :]  # [P, M]
+    send_valid = row[None, :] < plan.send_sizes[:, None]
+    send = jnp.where(send_valid[..., None], x_sorted[jnp.clip(src, 0, m - 1)], 0)
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [P, M, D]: recv[q] came from peer q
+    keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=m)
+    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights).reshape(n_peers, m, d)
+    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0)  # back[p]: results of what I sent to p
+    # Sorted copy i went to peer p = its expert's owner, as row i - send_offsets[p].
+    peer = jnp.sum(row[:, None] >= plan.send_offsets[None, 1:], axis=1)
+    within = jnp.clip(row - plan.send_offsets[peer], 0, m - 1)
+    return back[peer, within]
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                *, axis_name):
+    """ragged_all_to_all semantics built from all_gather (CPU-compilable, slow)."""
+    del recv_sizes
+    me = jax.lax.axis_index(axis_name)
+    all_operand = jax.lax.all_gather(operand, axis_name)  # [P, M, D]
+    in_off = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # [P]  what each sender sends me
+    sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+    out_off = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+    rows = operand.shape[0]
+    r = jnp.arange(rows, dtype=jnp.int32)
+    valid = r[None, :] < sizes[:, None]  # [P, M]
+    src = jnp.clip(in_off[:, None] + r[None, :], 0, rows - 1)
+    values = jnp.take_along_axis(all_operand, src[..., None], axis=1)  # [P, M, D]
+    dest = jnp.where(valid, out_off[:, None] + r[None, :], output.shape[0])  # out of bounds = dropped
+    return output.at[dest.reshape(-1)].set(values.reshape(-1, operand.shape[-1]), mode="drop")
+
+
+def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emulate: bool) -> Array:
+    """Sends only real rows; receive buffer [P * M, D] (worst case, dropless)."""
+    exchange = _emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
+    m, d = x_sorted.shape
+    n_local = weights[0].shape[0]
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    # all_sizes[q, p]: rows peer q sends to peer p.
+    all_sizes = jax.lax.all_gather(plan.send_sizes, EXPERT_AXIS)
+    recv_sizes = all_sizes[:, me]
+    recv_offsets = _exclusive_cumsum(recv_sizes)  # my chunks, in sender order
+    # My chunk for peer p lands after the chunks of senders q < me in p's buffer.
+    remote_offsets = jnp.sum(jnp.where(jnp.arange(n_peers)[:, None] < me, all_sizes, 0), axis=0)
+    recv = exchange(x_sorted, jnp.zeros((n_peers * m, d), x_sorted.dtype), plan.send_offsets,
+                    plan.send_sizes, remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)
+    keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=None)
+    y = _local_experts(recv, keys, n_local, *weights)
+    # Back: my chunk from peer q returns to q's sorted buffer at q's send offset for me.
+    all_send_offsets = jax.lax.all_gather(plan.send_offsets, EXPERT_AXIS)  # [q, p]
+    back_offsets = all_send_offsets[:, me]
+    return exchange(y, jnp.zeros((m, d), y.dtype), recv_offsets, recv_sizes, back_offsets,
+                    plan.send_sizes, axis_name=EXPERT_AXIS)
+
+
+def expert_parallel_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array,
+                        w_up: Array, w_down: Array, *, n_peers: int, transport: str) -> Array:
+    """Local view of the dropless expert computation with experts sharded over `expert`.
+
+    x: [T, D]; expert_ids: i32[T, K] global expert ids; gates: f32[T, K]; valid:
+    bool[T]; w_*: this device's E_l experts. Returns [T, D].
+    """
+    n_local = w_gate.shape[0]
+    if n_peers == 1:
+        return reference.moe_ffn(x, expert_ids, gates, valid, w_gate, w_up, w_down)
+    order, group_sizes, valid_sorted = reference.sort_copies(expert_ids, valid, n_local * n_peers)
+    x_sorted = x[order // expert_ids.shape[-1]]
+    plan = send_plan(group_sizes, n_peers)
+    weights = (w_gate, w_up, w_down)
+    if transport == "all_to_all":
+        y_sorted = _dense_exchange(x_sorted, plan, weights, n_peers)
+    else:
+        y_sorted = _ragged_exchange(x_sorted, plan, weights, n_peers, emulate=transport == "emulated_ragged")
+    return reference.combine(y_sorted, order, valid_sorted, gates)
+
+
+def _stack_per_shard(stats: RoutingStats) -> RoutingStats:
+    return jax.tree.map(lambda s: s[None], stats)
+
+
+def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
+                             stats: str = "global") -> MoELayerFn:
+    """An MoE layer function (same signature as `moe.moe_layer`) running under shard_map.
+
+    stats: "global" psums the routing statistics over data x fsdp x expert (returned
+    replicated); "local" returns each batch shard's own statistics stacked on a
+    leading axis [n_shards, ...] (the micro-batch-local ablation).
+    """
+    transport = resolve_transport(transport)
+    if stats not in ("global", "local"):
+        raise ValueError(f"stats must be 'global' or 'local', got {stats!r}.")
+    n_peers = mesh.shape[EXPERT_AXIS]
+    batch_spec = P(BATCH_AXES)
+    stats_spec = RoutingStats(*([P() if stats == "global" else batch_spec] * len(RoutingStats._fields)))
+
+    def body(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, *, routed_top_k, n_shared):
+        ids, gates, layer_stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared)
+        b, s, d = x.shape
+        k = ids.shape[-1]
+        y = expert_parallel_ffn(x.reshape(-1, d), ids.reshape(-1, k), gates.reshape(-1, k),
+                                (segment_ids > 0).reshape(-1), w_gate, w_up, w_down,
+                                n_peers=n_peers, transport=transport)
+        if stats == "global":
+            # The balance loss needs frequencies over every token of the step, not this shard's.
+            layer_stats = jax.tree.map(lambda v: jax.lax.psum(v, BATCH_AXES), layer_stats)
+        else:
+            layer_stats = _stack_per_shard(layer_stats)
+        return y.reshape(b, s, d), layer_stats
+
+    def moe_fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, *, routed_top_k, n_shared):
+        if w_gate.shape[0] % n_peers:
+            raise ValueError(f"{w_gate.shape[0]} experts do not divide over the expert axis of size {n_peers}.")
+        if x.shape[0] % _batch_shards(mesh):
+            raise ValueError(f"batch of {x.shape[0]} rows does not divide over the "
+                             f"{_batch_shards(mesh)} batch shards (data x fsdp x expert).")
+        expert_spec = P(EXPERT_AXIS)
+        in_specs = (batch_spec, batch_spec, None if pool_sizes is None else batch_spec, P(),
+                    expert_spec, expert_spec, expert_spec)
+        fn = compat.shard_map(
+            functools.partial(body, routed_top_k=routed_top_k, n_shared=n_shared),
+            mesh=mesh, in_specs=in_specs, out_specs=(batch_spec, stats_spec), check_vma=True)
+        return fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down)
+
+    return moe_fn
+
+
+def _batch_shards(mesh: jax.sharding.Mesh) -> int:
+    n = 1
+    for axis in BATCH_AXES:
+        n *= mesh.shape[axis]
+    return n

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs emo_jax with its test extras. Idempotent.
+#   bash launch/setup.sh          (~1 minute on a fresh machine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

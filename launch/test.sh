@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up and runs the default test suite on 8 emulated CPU devices.
+#   bash launch/test.sh            (extra pytest arguments pass through, e.g. -m slow)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q "$@"
