@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose files make up the bundled emo_jax corpus.
+# Installs the Debian packages whose files make up the bundled emo_jax corpus
+# (see docs_data.md for what each domain reads and its licence).
 #   sudo bash launch/install_corpus_sources.sh        (about 1 minute; idempotent)
 # A package that this distribution does not have is reported and skipped; the corpus
 # builder then leaves that domain out (it needs at least 3 domains).
 set -u
 
 PACKAGES=(
+  bible-kjv        # the `bible` program: reads the KJV text (its data file is compressed)
   bible-kjv-text   # King James Bible (public domain)
   dict-gcide       # Webster's 1913 via GCIDE (GPL-3+)
   dict-foldoc      # Free On-line Dictionary of Computing (GFDL)
@@ -21,13 +23,24 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 
-$SUDO apt-get update -qq || echo "apt-get update failed; trying with the existing package lists"
-
-available=()
+missing=()
 for pkg in "${PACKAGES[@]}"; do
   if dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     echo "already installed: $pkg"
-  elif apt-cache show "$pkg" >/dev/null 2>&1; then
+  else
+    missing+=("$pkg")
+  fi
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "corpus sources ready"
+  exit 0
+fi
+
+$SUDO apt-get update -qq || echo "apt-get update failed; trying with the existing package lists"
+
+available=()
+for pkg in "${missing[@]}"; do
+  if apt-cache show "$pkg" >/dev/null 2>&1; then
     available+=("$pkg")
   else
     echo "not available, skipped: $pkg"
