@@ -57,10 +57,14 @@ def eos_segment_ids(tokens: Array, eos_id: int, valid: Array | None = None) -> A
 
     tokens: i32[B, S]; valid: bool[B, S] (False = padding -> segment 0). Returns i32[B, S].
     """
-    is_eos = (tokens == eos_id).at[:, 0].set(False)  # an EOS at t=0 opens segment 1 anyway
-    segment_ids = jnp.cumsum(is_eos.astype(jnp.int32), axis=1) + 1
-    if valid is not None:
-        segment_ids = jnp.where(valid, segment_ids, 0)
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    # The first real token of a row opens segment 1 whatever it is; every later EOS
+    # among the real tokens opens the next one. Padding (anywhere) is segment 0.
+    first_real = valid & (jnp.cumsum(valid.astype(jnp.int32), axis=1) == 1)
+    opens = (tokens == eos_id) & valid & ~first_real
+    segment_ids = jnp.cumsum(opens.astype(jnp.int32), axis=1) + 1
+    segment_ids = jnp.where(valid, segment_ids, 0)
     return segment_ids
 
 
@@ -173,11 +177,13 @@ def route(
       numbered from 1 within each row.
     top_k: K = k_r, routed experts per token.
     pool_sizes: i32[B, G], d_s for every segment slot (entries >= N mean no
-      restriction); None = standard MoE (no pool, q = p).
+      restriction; entries below K are raised to K, since a token takes K experts
+      from inside its pool); None = standard MoE (no pool, q = p).
     num_segments: G, static; defaults to pool_sizes.shape[1], else S + 1.
     """
     batch, seq, n_routed = logits.shape
     if pool_sizes is not None:
+        pool_sizes = jnp.maximum(pool_sizes, top_k)
         num_segments = pool_sizes.shape[1]
     elif num_segments is None:
         num_segments = seq + 1
