@@ -157,7 +157,7 @@ def routing_stats(
         expert_counts=jax.lax.stop_gradient(counts),
         prob_sums=jnp.sum(probs * weight[..., None], axis=(0, 1)),
         token_count=jnp.sum(weight),
-        router_z_sum=jnp.sum(jnp.square(router_lse) * weight),
+        router_z_sum=jnp.sum(jnp.where(valid, jnp.square(router_lse), 0.0)),
         pool_size_sum=jnp.sum(jnp.where(is_document, effective, 0.0)),
         document_count=jnp.sum(is_document.astype(jnp.float32)),
     )

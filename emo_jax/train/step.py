@@ -57,6 +57,8 @@ def split_micro_batches(batch: dict, n: int) -> dict:
 
 def load_metrics(stats: RoutingStats) -> dict:
     """Per-layer expert load (max/mean, entropy of the assignment distribution), pool size."""
+    if stats.expert_counts.ndim == 3:  # per-shard statistics [L, shards, N] ("local" scope)
+        stats = jax.tree.map(lambda s: jnp.sum(s, axis=1), stats)
     counts = stats.expert_counts  # [L, N]
     freq = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
     entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(freq), 0.0), axis=-1)
