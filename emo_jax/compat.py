@@ -45,3 +45,32 @@ def pallas_modules():
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
     return pl, pltpu
+
+
+def varying_axes(*arrays) -> frozenset:
+    """Mesh axes over which any of `arrays` varies inside shard_map (empty outside)."""
+    axes = set()
+    for a in arrays:
+        aval = jax.typeof(a)
+        vma = getattr(aval, "vma", None)  # older jax
+        if vma is None:  # jax 0.10+: ManualAxisType(varying=..., ...)
+            vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+        axes |= set(vma or ())
+    return frozenset(axes)
+
+
+def vary_like(x, *like):
+    """Marks `x` as varying over every axis that `like` varies over (shard_map's
+    check_vma needs both branches of a cond, and a loop carry, to agree)."""
+    missing = tuple(sorted(varying_axes(*like) - varying_axes(x)))
+    if not missing:
+        return x
+    return jax.lax.pcast(x, missing, to="varying")
+
+
+def psum_to_match(x, like):
+    """Sums `x` over the mesh axes it varies over but `like` does not: the
+    cotangent of an input that shard_map replicates over those axes (what
+    autodiff does on its own, and a custom VJP has to do by hand)."""
+    extra = tuple(sorted(varying_axes(x) - varying_axes(like)))
+    return jax.lax.psum(x, extra) if extra else x

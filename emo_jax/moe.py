@@ -7,12 +7,14 @@ takes either.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from emo_jax import routing
+from emo_jax import kernels
 from emo_jax.kernels import reference
 
 Array = jax.Array
@@ -58,3 +60,9 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     y = ffn(x.reshape(-1, d_model), ids.reshape(-1, k), gates.reshape(-1, k),
             (segment_ids > 0).reshape(-1), w_gate, w_up, w_down)
     return y.reshape(batch, seq, d_model), stats
+
+
+def make_moe_layer(backend: str = "auto") -> MoELayerFn:
+    """`moe_layer` with the grouped-matmul backend `backend` (see `emo_jax.kernels`)."""
+    ffn = functools.partial(reference.moe_ffn, matmul=kernels.grouped_matmul_for(backend))
+    return functools.partial(moe_layer, ffn=ffn)

@@ -12,12 +12,13 @@ No capacity, no dropped token.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+GroupedMatmul = Callable[[Array, Array, Array], Array]  # (lhs [M, A], rhs [E, A, B], sizes i32[E]) -> [M, B]
 
 
 class Dispatched(NamedTuple):
@@ -54,14 +55,14 @@ def grouped_matmul(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
 
 
 def grouped_swiglu(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array,
-                   group_sizes: Array) -> Array:
+                   group_sizes: Array, matmul: GroupedMatmul = grouped_matmul) -> Array:
     """E_i(x) = W_down (silu(W_gate x) * W_up x) per group. [M, D] -> [M, D].
 
-    w_gate, w_up: [E, D, H]; w_down: [E, H, D].
+    w_gate, w_up: [E, D, H]; w_down: [E, H, D]; `matmul` is the grouped-matmul backend.
     """
-    gate = grouped_matmul(x_sorted, w_gate, group_sizes)
-    up = grouped_matmul(x_sorted, w_up, group_sizes)
-    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
+    gate = matmul(x_sorted, w_gate, group_sizes)
+    up = matmul(x_sorted, w_up, group_sizes)
+    return matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
 def combine(y_sorted: Array, order: Array, valid_sorted: Array, gates: Array) -> Array:
@@ -78,7 +79,7 @@ def combine(y_sorted: Array, order: Array, valid_sorted: Array, gates: Array) ->
 
 
 def moe_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array,
-            w_gate: Array, w_up: Array, w_down: Array) -> Array:
+            w_gate: Array, w_up: Array, w_down: Array, matmul: GroupedMatmul = grouped_matmul) -> Array:
     """y_t = sum_j gates[t, j] * E_{ids[t, j]}(x_t), dropless. Padding tokens give 0.
 
     x: [T, D]; expert_ids: i32[T, K] (routed and shared); gates: f32[T, K];
@@ -86,5 +87,5 @@ def moe_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array,
     """
     num_experts = w_gate.shape[0]
     d = dispatch(x, expert_ids, valid, num_experts)
-    y_sorted = grouped_swiglu(d.x_sorted, w_gate, w_up, w_down, d.group_sizes)
+    y_sorted = grouped_swiglu(d.x_sorted, w_gate, w_up, w_down, d.group_sizes, matmul)
     return combine(y_sorted, d.order, d.valid_sorted, gates)

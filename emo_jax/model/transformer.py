@@ -11,7 +11,7 @@ from emo_jax.config import Config, ModelConfig, RoutingConfig
 from emo_jax.model.attention import Attention
 from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, segment_positions
 from emo_jax.model.moe_block import MoEBlock
-from emo_jax.moe import MoELayerFn, moe_layer
+from emo_jax.moe import MoELayerFn, make_moe_layer, moe_layer
 
 Array = jax.Array
 
@@ -92,5 +92,9 @@ class EmoTransformer(nn.Module):
         return logits, jax.tree.map(lambda *s: jnp.stack(s), *layer_stats)
 
 
-def build_model(config: Config, moe_fn: MoELayerFn = moe_layer) -> EmoTransformer:
+def build_model(config: Config, moe_fn: MoELayerFn | None = None) -> EmoTransformer:
+    """The decoder of `config`; `moe_fn` defaults to the single-device MoE layer with
+    the grouped-matmul backend of `config.kernels.moe_backend`."""
+    if moe_fn is None:
+        moe_fn = make_moe_layer(config.kernels.moe_backend)
     return EmoTransformer(config.model, config.routing, moe_fn)
