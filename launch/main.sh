@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Sets up and runs the main job on this machine's CPU: a short training run of the
-# tiny EMO config that prints the loss.
-#   bash launch/main.sh            (a few minutes on 2 cores)
+# The README main job, on this machine's CPU: set up, build the bundled multi-domain
+# corpus (Debian packages -> TFDS array_record + BPE tokenizer), train the tiny EMO
+# config for a few minutes, and plot the loss curve.
+#   bash launch/main.sh                      (~10 minutes on 2 cores, first time)
+#   bash launch/main.sh train.steps=100      (extra key=value overrides pass through)
+# Output: runs/tiny_corpus/{metrics.jsonl, loss_curve.png, tensorboard/, checkpoints/}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+bash launch/install_corpus_sources.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-exec .venv/bin/emo-jax smoke configs/tiny.yaml "$@"
+if [ ! -d data_cache/emo_corpus ]; then
+  .venv/bin/emo-jax data build
+fi
+.venv/bin/emo-jax data stats
+# A finished earlier run would resume at its last step and do nothing: start fresh.
+rm -rf runs/tiny_corpus
+exec .venv/bin/emo-jax train --config configs/tiny_corpus.yaml "$@"

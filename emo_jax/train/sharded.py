@@ -40,7 +40,11 @@ def stats_mode(config: Config) -> str:
 
 def build_sharded_model(config: Config, mesh: jax.sharding.Mesh) -> nn.Module:
     mesh_lib.check_experts_divide(mesh, config.model.n_experts)
-    moe_fn = expert_parallel.make_expert_parallel_moe(mesh, config.kernels.transport, stats_mode(config))
+    if config.model.layer_experts is not None:
+        for layer, count in enumerate(config.model.layer_experts):
+            mesh_lib.check_experts_divide(mesh, count, f"model.layer_experts[{layer}]")
+    moe_fn = expert_parallel.make_expert_parallel_moe(mesh, config.kernels.transport, stats_mode(config),
+                                                      config.kernels.moe_backend)
     return build_model(config, moe_fn)
 
 

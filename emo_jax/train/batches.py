@@ -1,0 +1,108 @@
+"""Where the train loop's batches come from: the grain pipeline or synthetic data.
+
+Both give host-local numpy batches and a JSON-able state that the checkpoint stores,
+so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import jax
+import numpy as np
+
+from emo_jax.config import Config, ConfigError
+from emo_jax.synthetic import packed_batch
+
+
+class BatchSource(Protocol):
+    domains: tuple[str, ...]
+
+    def __next__(self) -> dict: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+class SyntheticBatches:
+    """Batch i is a pure function of (seed, i, host): resuming only needs i."""
+
+    domains = ("synthetic",)
+
+    def __init__(self, config: Config, split: str = "train"):
+        self.config = config
+        self.index = 0
+        self.salt = 0 if split == "train" else 1_000_003
+
+    def __next__(self) -> dict:
+        c = self.config
+        rng = np.random.default_rng([c.data.seed, self.salt, self.index, jax.process_index()])
+        rows = c.data.global_batch_size // jax.process_count()
+        batch = packed_batch(rng, rows, c.data.seq_len, c.model.vocab_size, pad_fraction=0.0)
+        batch["domain_ids"] = np.where(batch["segment_ids"] > 0, 0, -1).astype(np.int32)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class PipelineBatches:
+    """The grain pipeline over a built TFDS dataset (emo_jax.data)."""
+
+    def __init__(self, config: Config):
+        from emo_jax.data import pipeline
+        c = config.data
+        self._pipeline = pipeline
+        self.iterator = pipeline.make_train_iterator(
+            c.data_dir, c.dataset, seq_len=c.seq_len, global_batch_size=c.global_batch_size, seed=c.seed,
+            tokenizer_path=c.tokenizer or None, num_workers=c.num_workers)
+        source = pipeline.open_data_source(c.data_dir, c.dataset, "train")
+        self.domains = source.domains
+
+    def __next__(self) -> dict:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self._pipeline.iterator_state_to_json(self.iterator)
+
+    def set_state(self, state: dict) -> None:
+        self._pipeline.restore_iterator_state(self.iterator, state)
+
+
+def check_vocabulary(config: Config) -> None:
+    """The tokenizer's vocabulary must fit the model's embedding."""
+    if config.data.dataset == "synthetic":
+        return
+    from emo_jax.data import pipeline
+    from emo_jax.data.tokenizer import load_tokenizer
+    directory = pipeline.resolve_dataset_dir(config.data.data_dir, config.data.dataset)
+    tokenizer = load_tokenizer(config.data.tokenizer or directory)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{config.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
+
+
+def train_batches(config: Config) -> BatchSource:
+    if config.data.dataset == "synthetic":
+        return SyntheticBatches(config)
+    check_vocabulary(config)
+    return PipelineBatches(config)
+
+
+def eval_batches(config: Config) -> tuple[Iterator[dict], tuple[str, ...]]:
+    """A fixed number (train.eval_batches) of validation batches, the same every time."""
+    n = config.train.eval_batches
+    if config.data.dataset == "synthetic":
+        source = SyntheticBatches(config, split="validation")
+        return (next(source) for _ in range(n)), source.domains
+    from emo_jax.data import pipeline
+    c = config.data
+    iterator = pipeline.make_eval_iterator(c.data_dir, c.dataset, seq_len=c.seq_len,
+                                           global_batch_size=c.global_batch_size, num_batches=n,
+                                           tokenizer_path=c.tokenizer or None)
+    return iterator, pipeline.open_data_source(c.data_dir, c.dataset, "validation").domains
