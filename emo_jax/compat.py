@@ -74,3 +74,23 @@ def psum_to_match(x, like):
     autodiff does on its own, and a custom VJP has to do by hand)."""
     extra = tuple(sorted(varying_axes(x) - varying_axes(like)))
     return jax.lax.psum(x, extra) if extra else x
+
+
+def vary_all(*arrays):
+    """`arrays`, each marked varying over the union of the axes any of them varies over
+    (a pallas_call inside shard_map wants inputs and outputs of one varying type)."""
+    return tuple(vary_like(a, *arrays) for a in arrays)
+
+
+def out_struct(shape, dtype, like=None) -> jax.ShapeDtypeStruct:
+    """`jax.ShapeDtypeStruct` for a pallas_call output that varies like `like` inside
+    shard_map (check_vma wants it spelled out: `manual_axis_type=` on jax 0.10+,
+    `vma=` before)."""
+    if like is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(like)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    vma = getattr(aval, "vma", None)  # pragma: no cover - older jax
+    return jax.ShapeDtypeStruct(shape, dtype, vma=vma) if vma is not None else jax.ShapeDtypeStruct(shape, dtype)

@@ -62,7 +62,7 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     return y.reshape(batch, seq, d_model), stats
 
 
-def make_moe_layer(backend: str = "auto") -> MoELayerFn:
-    """`moe_layer` with the grouped-matmul backend `backend` (see `emo_jax.kernels`)."""
-    ffn = functools.partial(reference.moe_ffn, matmul=kernels.grouped_matmul_for(backend))
-    return functools.partial(moe_layer, ffn=ffn)
+def make_moe_layer(backend: str | kernels.MoEBackend = "auto") -> MoELayerFn:
+    """`moe_layer` with the expert computation of `backend` (a name or a `kernels.MoEBackend`)."""
+    moe_backend = backend if isinstance(backend, kernels.MoEBackend) else kernels.backend_for(backend)
+    return functools.partial(moe_layer, ffn=moe_backend.moe_ffn)

@@ -21,6 +21,17 @@ Array = jax.Array
 GroupedMatmul = Callable[[Array, Array, Array], Array]  # (lhs [M, A], rhs [E, A, B], sizes i32[E]) -> [M, B]
 
 
+class MoEBackend(NamedTuple):
+    """One MoE backend: its four stages, each with the contract of this module's
+    function of the same name (`moe_ffn` may fuse the other three)."""
+
+    name: str
+    dispatch: Callable[..., "Dispatched"]  # (x, expert_ids, valid, num_experts) -> Dispatched
+    grouped_matmul: GroupedMatmul
+    combine: Callable[..., Array]  # (y_sorted, order, valid_sorted, gates) -> [T, D]
+    moe_ffn: Callable[..., Array]  # (x, expert_ids, gates, valid, w_gate, w_up, w_down) -> [T, D]
+
+
 class Dispatched(NamedTuple):
     x_sorted: Array  # [M, D]  token copies grouped by expert; invalid copies last
     order: Array  # i32[M]  copy index (t * K + j) of each sorted row

@@ -29,8 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from emo_jax import compat
 from emo_jax import kernels
-from emo_jax.kernels import reference
-from emo_jax.kernels.reference import GroupedMatmul
+from emo_jax.kernels import MoEBackend
 from emo_jax.moe import MoELayerFn, route_tokens
 from emo_jax.parallel.mesh import BATCH_AXES
 from emo_jax.routing import RoutingStats
@@ -94,16 +93,14 @@ def local_group_keys(recv_counts: Array, rows: int, chunk_capacity: int | None) 
 
 
 def _local_experts(x_recv: Array, keys: Array, n_local: int, w_gate: Array, w_up: Array,
-                   w_down: Array, matmul: GroupedMatmul) -> Array:
-    """Runs the rows of a receive buffer through their local experts, in buffer order."""
-    order = jnp.argsort(keys, stable=True)
-    group_sizes = jnp.zeros((n_local + 1,), jnp.int32).at[keys].add(1)[:n_local]
-    y = reference.grouped_swiglu(x_recv[order], w_gate, w_up, w_down, group_sizes, matmul)
-    y = jnp.where((keys[order] < n_local)[:, None], y, 0)  # rows past the groups: never leak
-    return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+                   w_down: Array, backend: MoEBackend) -> Array:
+    """Runs the rows of a receive buffer through their local experts, in buffer order:
+    an MoE with one copy per row and gate 1; rows holding nothing (key E_l) give 0."""
+    ones = jnp.ones((keys.shape[0], 1), jnp.float32)
+    return backend.moe_ffn(x_recv, keys[:, None], ones, keys < n_local, w_gate, w_up, w_down)
 
 
-def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, matmul: GroupedMatmul) -> Array:
+def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, backend: MoEBackend) -> Array:
     """all_to_all of worst-case [P, M, D] buffers; returns expert outputs in sorted order."""
     m, d = x_sorted.shape
     n_local = weights[0].shape[0]
@@ -113,7 +110,7 @@ def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, matm
     send = jnp.where(send_valid[..., None], x_sorted[jnp.clip(src, 0, m - 1)], 0)
     recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [P, M, D]: recv[q] came from peer q
     keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=m)
-    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights, matmul).reshape(n_peers, m, d)
+    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights, backend).reshape(n_peers, m, d)
     back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0)  # back[p]: results of what I sent to p
     # Sorted copy i went to peer p = its expert's owner, as row i - send_offsets[p].
     peer = jnp.sum(row[:, None] >= plan.send_offsets[None, 1:], axis=1)
@@ -140,7 +137,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 
 
 def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emulate: bool,
-                     matmul: GroupedMatmul) -> Array:
+                     backend: MoEBackend) -> Array:
     """Sends only real rows; receive buffer [P * M, D] (worst case, dropless)."""
     exchange = _emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
     m, d = x_sorted.shape
@@ -155,7 +152,7 @@ def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emu
     recv = exchange(x_sorted, jnp.zeros((n_peers * m, d), x_sorted.dtype), plan.send_offsets,
                     plan.send_sizes, remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)
     keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=None)
-    y = _local_experts(recv, keys, n_local, *weights, matmul)
+    y = _local_experts(recv, keys, n_local, *weights, backend)
     # Back: my chunk from peer q returns to q's sorted buffer at q's send offset for me.
     all_send_offsets = jax.lax.all_gather(plan.send_offsets, EXPERT_AXIS)  # [q, p]
     back_offsets = all_send_offsets[:, me]
@@ -165,25 +162,26 @@ def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emu
 
 def expert_parallel_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array,
                         w_up: Array, w_down: Array, *, n_peers: int, transport: str,
-                        matmul: GroupedMatmul = reference.grouped_matmul) -> Array:
+                        backend: MoEBackend | None = None) -> Array:
     """Local view of the dropless expert computation with experts sharded over `expert`.
 
     x: [T, D]; expert_ids: i32[T, K] global expert ids; gates: f32[T, K]; valid:
-    bool[T]; w_*: this device's E_l experts. Returns [T, D].
+    bool[T]; w_*: this device's E_l experts; backend: dispatch, combine and the local
+    expert computation (default: the reference). Returns [T, D].
     """
+    backend = backend or kernels.backend_for("reference")
     n_local = w_gate.shape[0]
     if n_peers == 1:
-        return reference.moe_ffn(x, expert_ids, gates, valid, w_gate, w_up, w_down, matmul)
-    order, group_sizes, valid_sorted = reference.sort_copies(expert_ids, valid, n_local * n_peers)
-    x_sorted = x[order // expert_ids.shape[-1]]
-    plan = send_plan(group_sizes, n_peers)
+        return backend.moe_ffn(x, expert_ids, gates, valid, w_gate, w_up, w_down)
+    sent = backend.dispatch(x, expert_ids, valid, n_local * n_peers)
+    plan = send_plan(sent.group_sizes, n_peers)
     weights = (w_gate, w_up, w_down)
     if transport == "all_to_all":
-        y_sorted = _dense_exchange(x_sorted, plan, weights, n_peers, matmul)
+        y_sorted = _dense_exchange(sent.x_sorted, plan, weights, n_peers, backend)
     else:
-        y_sorted = _ragged_exchange(x_sorted, plan, weights, n_peers, emulate=transport == "emulated_ragged",
-                                    matmul=matmul)
-    return reference.combine(y_sorted, order, valid_sorted, gates)
+        y_sorted = _ragged_exchange(sent.x_sorted, plan, weights, n_peers, emulate=transport == "emulated_ragged",
+                                    backend=backend)
+    return backend.combine(y_sorted, sent.order, sent.valid_sorted, gates)
 
 
 def _stack_per_shard(stats: RoutingStats) -> RoutingStats:
@@ -191,7 +189,7 @@ def _stack_per_shard(stats: RoutingStats) -> RoutingStats:
 
 
 def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
-                             stats: str = "global", backend: str = "auto") -> MoELayerFn:
+                             stats: str = "global", backend: str | MoEBackend = "auto") -> MoELayerFn:
     """An MoE layer function (same signature as `moe.moe_layer`) running under shard_map.
 
     stats: "global" psums the routing statistics over data x fsdp x expert (returned
@@ -199,7 +197,7 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
     leading axis [n_shards, ...] (the micro-batch-local ablation).
     """
     transport = resolve_transport(transport)
-    matmul = kernels.grouped_matmul_for(backend)
+    moe_backend = backend if isinstance(backend, MoEBackend) else kernels.backend_for(backend)
     if stats not in ("global", "local"):
         raise ValueError(f"stats must be 'global' or 'local', got {stats!r}.")
     n_peers = mesh.shape[EXPERT_AXIS]
@@ -212,7 +210,7 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
         k = ids.shape[-1]
         y = expert_parallel_ffn(x.reshape(-1, d), ids.reshape(-1, k), gates.reshape(-1, k),
                                 (segment_ids > 0).reshape(-1), w_gate, w_up, w_down,
-                                n_peers=n_peers, transport=transport, matmul=matmul)
+                                n_peers=n_peers, transport=transport, backend=moe_backend)
         if stats == "global":
             # The balance loss needs frequencies over every token of the step, not this shard's.
             layer_stats = jax.tree.map(lambda v: jax.lax.psum(v, BATCH_AXES), layer_stats)
