@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs emo_jax with its test extras. Idempotent.
+# Creates .venv (if missing) and installs emo_jax with its test and interop extras
+# (interop = torch CPU + transformers, for the Hugging Face parity tests). Idempotent.
 #   bash launch/setup.sh          (~1 minute on a fresh machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,interop]"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from emo_jax.config import ModelConfig
+from emo_jax.model import kv_cache
 from emo_jax.model.layers import RMSNorm, causal_segment_mask, dense_init, param_with_axes, rope
 
 Array = jax.Array
@@ -32,8 +33,15 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), pdtype, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), pdtype, name="k_norm")(k)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        mask = causal_segment_mask(segment_ids)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        if self.has_variable("cache", "key"):
+            # Incremental decoding (emo_jax.model.kv_cache): one document per row, keys at their positions.
+            cache = {name: self.get_variable("cache", name) for name in ("key", "value", "valid")}
+            out, cache = kv_cache.cached_attention(q, k, v, segment_ids, positions, cache)
+            for name, value in cache.items():
+                self.put_variable("cache", name, value)
+        else:
+            mask = causal_segment_mask(segment_ids)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         w_o = param_with_axes(self, "o_proj", init, (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype,
                               ("heads", "head_dim", "embed"))
         return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dtype))

@@ -1,0 +1,70 @@
+"""The EMO layout: the released `EmoForCausalLM` checkpoints (model_type "emo").
+
+Tensor names follow SPEC section 5: `pre_attention_layernorm`,
+`pre_feedforward_layernorm`, a router `mlp.gate.weight` [E, D] whose rows for the
+shared experts (the last n_s, as in emo_jax) are unused, and per-expert SwiGLU
+weights. Config fields: `num_experts` (E, shared included), `num_shared_experts`,
+`num_experts_per_tok` (k, shared included, as emo_jax's top_k), `norm_topk_prob=false`
+and, for pruned models, `num_experts_per_layer` [E_0, ..., E_{L-1}].
+
+The released checkpoints have no QK-norm; a model trained with `qk_norm: true` is
+exported with `qk_norm: true` in config.json and `self_attn.{q,k}_norm.weight` over
+the full projected width (as OLMoE), an emo_jax extension of the layout.
+The unused shared router rows are written as zeros, so a checkpoint whose shared rows
+hold other values round-trips exactly in every tensor except those rows.
+"""
+
+from __future__ import annotations
+
+from emo_jax.config import ModelConfig
+from emo_jax.interop.hf_common import (InteropError, LayerNames, common_hf_fields, common_model_fields,
+                                       decoder_sources, require)
+from emo_jax.interop.tensor_map import Source
+
+NAME = "emo"
+ARCHITECTURE = "EmoForCausalLM"
+
+
+def layer_names(qk_norm: bool) -> LayerNames:
+    return LayerNames(attention_norm="pre_attention_layernorm", feedforward_norm="pre_feedforward_layernorm",
+                      qk_norm=qk_norm)
+
+
+def matches(hf: dict) -> bool:
+    return hf.get("model_type") == "emo" or ARCHITECTURE in (hf.get("architectures") or [])
+
+
+def model_fields(hf: dict) -> dict:
+    """ModelConfig fields of an EMO config.json (`layer_experts` only for pruned models)."""
+    fields = common_model_fields(hf)
+    n_experts = require(hf, "num_experts")
+    per_layer = hf.get("num_experts_per_layer")
+    if per_layer is not None:
+        per_layer = tuple(int(e) for e in per_layer)
+        if len(per_layer) != fields["n_layers"]:
+            raise InteropError(f"num_experts_per_layer has {len(per_layer)} entries but num_hidden_layers="
+                               f"{fields['n_layers']}; give one expert count per layer.")
+    fields.update(qk_norm=bool(hf.get("qk_norm", False)), n_experts=n_experts,
+                  n_shared_experts=int(hf.get("num_shared_experts", 1)), top_k=require(hf, "num_experts_per_tok"))
+    if per_layer is not None and set(per_layer) != {n_experts}:
+        fields["layer_experts"] = per_layer
+    return fields
+
+
+def check_exportable(m: ModelConfig) -> None:
+    if m.norm_placement != "pre":
+        raise InteropError("cannot export norm_placement=post to the EMO layout (its blocks are pre-norm).")
+
+
+def hf_config(m: ModelConfig, expert_counts: tuple[int, ...], dtype: str, eos_id: int | None) -> dict:
+    check_exportable(m)
+    hf = dict(common_hf_fields(m, dtype), architectures=[ARCHITECTURE], model_type="emo",
+              num_experts=m.n_experts, num_shared_experts=m.n_shared_experts, qk_norm=m.qk_norm,
+              eos_token_id=eos_id)
+    if len(set(expert_counts)) > 1 or expert_counts[0] != m.n_experts:
+        hf["num_experts_per_layer"] = list(expert_counts)
+    return hf
+
+
+def sources(m: ModelConfig, expert_counts: tuple[int, ...]) -> dict[tuple[str, ...], Source]:
+    return decoder_sources(m, expert_counts, layer_names(m.qk_norm), router_rows=expert_counts)

@@ -1,0 +1,231 @@
+"""EMO-layout interop: export/import round trips (full and pruned), sharded import on the
+8-device mesh, clear errors, and logit parity with an independent PyTorch reference of
+SPEC (that part needs torch + safetensors: the `interop` extra)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+from flax import traverse_util
+
+from emo_jax.compat import make_mesh
+from emo_jax.config import replace
+from emo_jax.interop import InteropError, export_hf, import_hf
+from emo_jax.interop.safetensors_io import SafetensorsReader, write_checkpoint
+from emo_jax.model import build_model
+from emo_jax.interop.convert import abstract_boxed_params
+from emo_jax.parallel.mesh import MESH_AXES
+from emo_jax.parallel.rules import param_shardings
+from helpers import tiny_config
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def _flat_shardings(tree):
+    return traverse_util.flatten_dict(tree)
+
+
+def _assert_same_params(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert set(fa) == set(fb)
+    for key in fa:
+        assert fa[key].dtype == fb[key].dtype, key
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=str(key))
+
+
+def _prune(params, config, keep_per_layer):
+    """Physically keep routed experts `keep_per_layer[l]` (sorted ids) plus the shared ones."""
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    n_r = config.model.n_routed_experts
+    shared = list(range(n_r, config.model.n_experts))
+    for layer, keep in enumerate(keep_per_layer):
+        moe = params[f"layer_{layer}"]["moe"]
+        rows = list(keep) + shared
+        for name in ("w_gate", "w_up", "w_down"):
+            moe[name] = moe[name][rows]
+        moe["router"] = moe["router"][:, list(keep)]
+    counts = tuple(len(k) + len(shared) for k in keep_per_layer)
+    return params, replace(config, model={"layer_experts": list(counts)})
+
+
+def _logits(config, params, tokens, segment_ids):
+    """Jitted forward (eager op-by-op dispatch is slow on CPU). tokens, segment_ids: [B, S]."""
+    model = build_model(config)
+    fn = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0])
+    return np.asarray(fn(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(segment_ids, jnp.int32)))
+
+
+def random_params(config, seed=0):
+    """Random values in the model's parameter shapes, without compiling the model."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.meta.unbox(abstract_boxed_params(config))
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, a.shape).astype(a.dtype)), abstract)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
+                         "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64")
+    return config, random_params(config)
+
+
+def test_export_import_round_trip_is_bit_exact(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "a", layout="emo")
+    hf = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert hf["model_type"] == "emo" and hf["num_experts"] == 8 and hf["num_shared_experts"] == 1
+    assert "num_experts_per_layer" not in hf
+    imported_config, imported = import_hf(tmp_path / "a")
+    assert imported_config.model.n_experts == 8 and imported_config.model.top_k == config.model.top_k
+    _assert_same_params(params, imported)
+    export_hf(imported, imported_config, tmp_path / "b", layout="emo")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # The shared expert's router row exists in the EMO layout and is unused (zero).
+    gate = SafetensorsReader(tmp_path / "a").array("model.layers.0.mlp.gate.weight")
+    assert gate.shape == (8, 32) and not np.any(gate[7])
+
+
+def test_sharded_export_splits_files_and_reads_back(tiny, tmp_path):
+    config, params = tiny
+    files = export_hf(params, config, tmp_path / "split", layout="emo", max_shard_bytes=64_000)
+    assert len(files) > 1 and (tmp_path / "split" / "model.safetensors.index.json").is_file()
+    _, imported = import_hf(tmp_path / "split")
+    _assert_same_params(params, imported)
+
+
+def test_bfloat16_export(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "bf16", layout="emo", dtype="bfloat16")
+    reader = SafetensorsReader(tmp_path / "bf16")
+    assert reader.dtype("lm_head.weight") == jnp.bfloat16
+    _, imported = import_hf(tmp_path / "bf16")  # bf16 on disk -> float32 parameters, exactly
+    expected = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+    _assert_same_params(expected, imported)
+
+
+def test_pruned_export_import(tiny, tmp_path):
+    config, params = tiny
+    pruned, pruned_config = _prune(params, config, [[0, 1, 2, 3, 4, 5, 6], [1, 3, 6, 2]])
+    export_hf(pruned, pruned_config, tmp_path / "pruned", layout="emo")
+    hf = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert hf["num_experts_per_layer"] == [8, 5] and hf["num_experts"] == 8
+    assert SafetensorsReader(tmp_path / "pruned").shape("model.layers.1.mlp.gate.weight") == (5, 32)
+    imported_config, imported = import_hf(tmp_path / "pruned")
+    assert imported_config.model.layer_experts == (8, 5)
+    _assert_same_params(pruned, imported)
+    with pytest.raises(InteropError, match="per-layer expert counts"):
+        export_hf(pruned, pruned_config, tmp_path / "olmoe", layout="olmoe")
+
+
+def test_import_onto_mesh_equals_unsharded(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "hf", layout="emo")
+    mesh = make_mesh((2, 2, 2, 1), MESH_AXES)
+    config_sharded, sharded = import_hf(tmp_path / "hf", mesh=mesh,
+                                        overrides=["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"])
+    _assert_same_params(params, sharded)
+    w_gate = sharded["layer_0"]["moe"]["w_gate"]
+    assert w_gate.sharding.spec[:2] == ("expert", "fsdp")
+    assert w_gate.addressable_shards[0].data.shape == (4, 16, 16)  # [E/2, D/2, H]
+    expected = _flat_shardings(param_shardings(abstract_boxed_params(config_sharded), mesh))
+    for path, leaf in traverse_util.flatten_dict(sharded).items():
+        assert leaf.sharding.is_equivalent_to(expected[path], leaf.ndim), path
+
+
+def test_clear_errors(tiny, tmp_path):
+    config, params = tiny
+    good = tmp_path / "good"
+    export_hf(params, config, good, layout="emo")
+    hf = json.loads((good / "config.json").read_text())
+
+    def variant(name, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        shutil.copy(good / "model.safetensors", path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps({**hf, **changes}))
+        return path
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InteropError, match="config.json is missing"):
+        import_hf(empty)
+    with pytest.raises(InteropError, match="unknown checkpoint layout"):
+        import_hf(variant("llama", model_type="llama", architectures=["LlamaForCausalLM"]))
+    with pytest.raises(InteropError, match=r"tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has shape"):
+        import_hf(variant("shape", intermediate_size=24))
+    with pytest.raises(InteropError, match="num_key_value_heads"):
+        import_hf(variant("gqa", num_key_value_heads=1))
+    with pytest.raises(InteropError, match="norm_topk_prob"):
+        import_hf(variant("renorm", norm_topk_prob=True))
+    with pytest.raises(InteropError, match="input_layernorm.weight' of the olmoe layout is missing"):
+        import_hf(variant("olmoe_names", model_type="olmoe", architectures=["OlmoeForCausalLM"]))
+    extra = variant("extra")
+    reader = SafetensorsReader(good)
+    tensors = [(name, np.asarray(reader.array(name))) for name in reader.keys()]
+    write_checkpoint(extra, iter(tensors + [("model.layers.0.self_attn.q_norm.weight", np.ones(32, np.float32))]))
+    with pytest.raises(InteropError, match="q_norm.weight' is not part of this layout"):
+        import_hf(extra)
+    with pytest.raises(InteropError, match="unknown layout"):
+        import_hf(good, layout="gpt2")
+    with pytest.raises(InteropError, match="OLMoE layout"):
+        export_hf(params, config, tmp_path / "no_olmoe", layout="olmoe")  # shared expert, no QK-norm
+
+
+# ------------------------------------------------------------------ PyTorch reference
+
+
+@pytest.fixture(scope="module")
+def torch_reference():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import torch_emo_reference as ref
+    return torch, ref
+
+
+@pytest.mark.parametrize("per_layer", [None, (8, 5)], ids=["full", "pruned"])
+def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
+    torch, ref = torch_reference
+    hf = ref.emo_hf_config(per_layer=per_layer)
+    state = ref.random_state_dict(hf, seed=1)
+    ref.save_checkpoint(tmp_path / "emo", hf, state)
+    config, params = import_hf(tmp_path / "emo")
+    assert config.model.expert_counts == (per_layer or (8, 8))
+    rng = np.random.default_rng(0)
+
+    # Rows 0-1 unpacked (one document each), row 2 packed: two documents and padding,
+    # each document compared with the reference run on it alone.
+    seq, lengths = 26, (9, 13)
+    tokens = rng.integers(0, hf["vocab_size"], (3, seq))
+    segments = np.ones((3, seq), np.int32)
+    segments[2] = 0
+    start = 0
+    for doc, n in enumerate(lengths):
+        tokens[2, start:start + n] = tokens[doc, :n]
+        segments[2, start:start + n] = doc + 1
+        start += n
+    logits = _logits(config, params, tokens, segments)
+    expected = ref.forward(torch.tensor(tokens[:2]), state, hf).numpy()
+    np.testing.assert_allclose(logits[:2], expected, atol=1e-4, rtol=0)
+    start = 0
+    for doc, n in enumerate(lengths):
+        expected = ref.forward(torch.tensor(tokens[doc:doc + 1, :n]), state, hf).numpy()[0]
+        np.testing.assert_allclose(logits[2, start:start + n], expected, atol=1e-4, rtol=0)
+        start += n
+
+    # Export gives back the reference's tensors (shared router rows zeroed: they are unused).
+    export_hf(params, config, tmp_path / "back", layout="emo")
+    back = SafetensorsReader(tmp_path / "back")
+    assert set(back.keys()) == set(state)
+    for name, tensor in state.items():
+        expected = tensor.numpy().copy()
+        if name.endswith("mlp.gate.weight"):
+            expected[-1] = 0.0
+        np.testing.assert_array_equal(np.asarray(back.array(name)), expected, err_msg=name)
