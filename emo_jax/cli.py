@@ -1,4 +1,4 @@
-"""`emo-jax` command line: params, smoke, data (more subcommands arrive with their issues)."""
+"""`emo-jax` command line: params, smoke, train, data, convert, generate, memory."""
 
 from __future__ import annotations
 
@@ -49,11 +49,87 @@ def _smoke(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from emo_jax.train.checkpoint import CheckpointError
+    from emo_jax.train.loop import NonFiniteLossError, plot_loss_curve, train
+    config = load_config(args.config, args.overrides)
+    try:
+        result = train(config, resume=not args.no_resume)
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
+        print(f"emo-jax train: {err}", file=sys.stderr)
+        return 1
+    if result.losses and (result.run_dir / "metrics.jsonl").exists():
+        png = plot_loss_curve(result.run_dir)
+        print(f"loss curve: {png}")
+    if result.stopped_by_signal:
+        print(f"stopped by SIGTERM after step {result.final_step}; checkpoint saved")
+    return 0
+
+
 def _data(args) -> int:
     from emo_jax.data import commands
     if args.data_command == "build":
         return commands.build_main(args.rest)
     return commands.stats_main(args.rest)
+
+
+def _convert(args) -> int:
+    """HF -> emo_jax (config.yaml + params/, sharded onto config.mesh), or emo_jax -> HF."""
+    from pathlib import Path
+    from emo_jax.interop import convert, model_io
+    source_is_hf = (Path(args.source) / "config.json").is_file()
+    target = args.to or ("emo_jax" if source_is_hf else "emo")
+    if target == "emo_jax":
+        if not source_is_hf:
+            raise convert.InteropError(f"{args.source} has no config.json; --to emo_jax imports Hugging Face "
+                                       "checkpoints (use --to emo or --to olmoe to export an emo_jax model).")
+        config, params = convert.import_hf(args.source, layout=args.layout, overrides=args.overrides,
+                                           mesh_from_config=True)
+        model_io.save_converted(args.out, config, params)
+        model_io.copy_tokenizer_files(args.source, args.out)
+        print(f"converted {args.source} ({config.model.n_layers} layers, experts per layer "
+              f"{list(config.model.expert_counts)}) -> {args.out}")
+        return 0
+    config, params = model_io.load_model(args.source, layout=args.layout, overrides=args.overrides)
+    files = convert.export_hf(params, config, args.out, layout=target, dtype=args.dtype,
+                              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    model_io.copy_tokenizer_files(args.source, args.out)
+    print(f"exported {args.source} to the {target} layout: {len(files)} safetensors file(s) in {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    """Continues text prompts (or token-id prompts) with a KV cache."""
+    from emo_jax import generate
+    from emo_jax.interop import model_io
+    config, params = model_io.load_model(args.model, layout=args.layout, overrides=args.overrides,
+                                         mesh_from_config=True)
+    tokenizer = generate.find_tokenizer(args.tokenizer, args.model, config, required=not args.prompt_ids)
+    if args.prompt_ids:
+        prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt_ids]
+    else:
+        prompts = [tokenizer.encode(p).ids for p in args.prompt]
+    eos = args.eos_id if args.eos_id is not None else generate.tokenizer_eos(tokenizer)
+    sampling = generate.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, eos_id=eos, seed=args.seed)
+    result = generate.generate(config, params, prompts, sampling)
+    for prompt, tokens, n in zip(prompts, result.tokens, result.lengths):
+        new = [int(t) for t in tokens[:n]]
+        if tokenizer is None:
+            print(" ".join(str(t) for t in prompt + new))
+        else:
+            print(tokenizer.decode(prompt, skip_special_tokens=False) + tokenizer.decode(new, skip_special_tokens=False))
+    return 0
+
+
+def _memory(args) -> int:
+    from emo_jax.memory import format_table, memory_rows
+    config = load_config(args.config, args.overrides)
+    experts = tuple(args.experts or (config.model.n_experts,))
+    rows = memory_rows(config.model, experts, args.batch, args.seq_len or config.model.max_seq_len,
+                       args.weight_dtype)
+    print(format_table(config.name, rows, args.batch, args.seq_len or config.model.max_seq_len, args.weight_dtype))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=_smoke)
 
+    p = sub.add_parser("train", help="train a model (resumes from run_dir's latest checkpoint)")
+    p.add_argument("--config", required=True, help="a YAML file in configs/")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(fn=_train)
+
     p = sub.add_parser("data", help="build or describe the bundled corpus")
     p.add_argument("data_command", choices=["build", "stats"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_data)
+
+    p = sub.add_parser("convert", help="import a Hugging Face checkpoint (OLMoE/EMO) or export to one")
+    p.add_argument("source", help="HF checkpoint dir, emo-jax convert output, or training run_dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", choices=["emo_jax", "emo", "olmoe"],
+                   help="emo_jax (default for an HF source), or the HF layout to export (default emo)")
+    p.add_argument("--layout", choices=["auto", "olmoe", "emo"], default="auto", help="layout of an HF source")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="export dtype (default: as stored)")
+    p.add_argument("--max-shard-gb", type=float, default=4.0, help="split exported safetensors above this size")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. mesh.expert=8")
+    p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("generate", help="generate text with a KV cache (full or pruned model)")
+    p.add_argument("model", help="HF checkpoint dir, emo-jax convert output, or training run_dir")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids '1 2 3' (no tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json or data.tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--eos-id", type=int, help="stop token (default: the tokenizer's <|endoftext|>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["auto", "olmoe", "emo"], default="auto", help="layout of an HF model")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(fn=_generate)
+
+    p = sub.add_parser("memory", help="parameter bytes and peak inference memory, full and pruned")
+    p.add_argument("config")
+    p.add_argument("--experts", type=int, nargs="+", help="experts per layer to tabulate, e.g. 128 32 16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: model.max_seq_len)")
+    p.add_argument("--weight-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(fn=_memory)
+
+    from emo_jax.modular import commands as modular_commands
+    modular_commands.register(sub)  # select, prune, eval, analyze, reproduce
     return parser
 
 
@@ -84,6 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"emo-jax: config error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        print(f"emo-jax {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Errors whose message already names the problem and the fix: printed as one line."""
+    from emo_jax.generate import GenerationError
+    from emo_jax.inputs import InputError
+    from emo_jax.interop.hf_common import InteropError
+    from emo_jax.interop.safetensors_io import SafetensorsError
+    return (GenerationError, InputError, InteropError, SafetensorsError)
 
 
 if __name__ == "__main__":

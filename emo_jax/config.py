@@ -43,6 +43,12 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block"] = "none"
+    # Experts each layer actually holds, shared included (a pruned model; SPEC section 6):
+    # None = n_experts in every layer. Shared experts are always kept, so layer l has
+    # layer_experts[l] - n_shared_experts routed experts; each entry lies in
+    # [top_k, n_experts] (tokens still take top-k_r among the kept routed experts).
+    # n_experts stays the width the model was trained with.
+    layer_experts: tuple[int, ...] | None = None
 
     @property
     def n_routed_experts(self) -> int:
@@ -51,6 +57,20 @@ class ModelConfig:
     @property
     def routed_top_k(self) -> int:
         return self.top_k - self.n_shared_experts
+
+    @property
+    def expert_counts(self) -> tuple[int, ...]:
+        """Experts (routed + shared) of every layer."""
+        return tuple(self.layer_experts) if self.layer_experts is not None else (self.n_experts,) * self.n_layers
+
+    @property
+    def routed_counts(self) -> tuple[int, ...]:
+        """Routed experts of every layer."""
+        return tuple(e - self.n_shared_experts for e in self.expert_counts)
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.layer_experts is not None and any(e != self.n_experts for e in self.layer_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +113,12 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    # Dispatch/combine and grouped-matmul implementation; "auto" picks per platform.
-    moe_backend: Literal["auto", "reference"] = "auto"
+    # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
+    # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
+    # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
+    # on CPU, correctness only). "auto" = blocked on CPU, reference elsewhere: pallas is
+    # opt-in until measured on an accelerator (notes_kernels.md).
+    moe_backend: Literal["auto", "reference", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.
     transport: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
@@ -114,7 +138,9 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "emo_corpus"
+    # A built TFDS dataset under data_dir (e.g. "emo_corpus", "text_files/mine"), or
+    # "synthetic": packed arithmetic-progression documents (tests, benchmarks).
+    dataset: str = "synthetic"
     data_dir: str = "data_cache"
     tokenizer: str = ""  # path to tokenizer.json; empty = the bundled corpus's own
     seq_len: int = 128
@@ -130,9 +156,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
+    eval_batches: int = 4
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     run_dir: str = "runs/default"
+    progress_bar: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +210,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
-    if isinstance(annotation, types.UnionType):  # pragma: no cover - no such fields yet
-        raise ConfigError(f"{key}: union-typed fields are not supported.")
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(annotation)):
+            return None
+        if len(options) != 1:
+            raise ConfigError(f"{key}: union-typed fields other than 'X | None' are not supported.")
+        return _coerce(value, options[0], key)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list (e.g. [8, 8]) or null.")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     raise ConfigError(f"{key}: unsupported field type {annotation!r}.")
 
 
@@ -253,14 +291,26 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}.") from None
     values = _merge(values, parse_overrides(overrides))
     values.setdefault("name", path.stem)
     return config_from_dict(values)
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """Nested dict of plain YAML/JSON values (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
 
 
 def replace(config: Config, **sections: Any) -> Config:
@@ -292,6 +342,14 @@ def validate(config: Config) -> None:
     _require(m.routed_top_k <= m.n_routed_experts,
              f"model.top_k={m.top_k} is larger than the experts available "
              f"({m.n_routed_experts} routed + {m.n_shared_experts} shared); lower top_k.")
+    if m.layer_experts is not None:
+        _require(len(m.layer_experts) == m.n_layers,
+                 f"model.layer_experts has {len(m.layer_experts)} entries but model.n_layers={m.n_layers}; "
+                 "give one expert count per layer (or null for n_experts everywhere).")
+        for layer, count in enumerate(m.layer_experts):
+            _require(m.top_k <= count <= m.n_experts,
+                     f"model.layer_experts[{layer}]={count} must be in [top_k={m.top_k}, n_experts={m.n_experts}] "
+                     f"(K counts the {m.n_shared_experts} shared expert(s); tokens still take top_k experts).")
     k_r, n_r = m.routed_top_k, m.n_routed_experts
     if r.pool == "fixed":
         _require(k_r <= r.pool_size <= m.n_experts,
@@ -321,6 +379,11 @@ def validate(config: Config) -> None:
         _require(m.n_experts % config.mesh.expert == 0,
                  f"model.n_experts={m.n_experts} is not divisible by mesh.expert={config.mesh.expert}; "
                  "choose an expert axis size that divides the expert count.")
+        uneven = [(i, e) for i, e in enumerate(m.expert_counts) if e % config.mesh.expert]
+        _require(not uneven,
+                 f"model.layer_experts[{uneven[0][0] if uneven else 0}]={uneven[0][1] if uneven else 0} is not "
+                 f"divisible by mesh.expert={config.mesh.expert}; run this pruned model with mesh.expert=1 "
+                 "(or prune to expert counts divisible by the expert axis).")
     _require(config.train.micro_batches >= 1, "train.micro_batches must be >= 1.")
     _require(config.data.global_batch_size % config.train.micro_batches == 0,
              f"data.global_batch_size={config.data.global_batch_size} is not divisible by "

@@ -45,7 +45,7 @@ def abstract_params(config: Config) -> dict:
 def count_params(config: Config) -> ParamCounts:
     params = abstract_params(config)
     flat = traverse_util.flatten_dict(jax.tree.map(lambda p: p, params, is_leaf=lambda x: hasattr(x, "names")))
-    total = embedding = experts = 0
+    total = embedding = experts = active_experts = 0
     for path, leaf in flat.items():
         value = getattr(leaf, "value", leaf)
         size = math.prod(value.shape)
@@ -54,8 +54,8 @@ def count_params(config: Config) -> ParamCounts:
             embedding += size
         if path[-1] in EXPERT_PARAMS:
             experts += size
-    m = config.model
-    active_experts = experts * m.top_k // m.n_experts
+            # [E_l, ...]: each layer's own expert count (pruned layers hold fewer).
+            active_experts += size // value.shape[0] * config.model.top_k
     return ParamCounts(total=total, embedding=embedding, experts=experts,
                        active=total - experts + active_experts)
 

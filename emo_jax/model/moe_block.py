@@ -9,7 +9,7 @@ import flax.linen as nn
 from emo_jax import routing
 from emo_jax.config import ModelConfig, RoutingConfig
 from emo_jax.model.layers import dense_init, param_with_axes
-from emo_jax.moe import MoELayerFn, moe_layer
+from emo_jax.moe import MoELayerFn, moe_layer, router_logits
 
 Array = jax.Array
 
@@ -27,12 +27,16 @@ class MoEBlock(nn.Module):
     """EMO MoE feed-forward. Experts n_r..E-1 are the shared ones (gate 1).
 
     Pool sizes come from the 'routing' RNG stream; Flax folds the module path into
-    it, so every layer draws its own sizes from the step's key.
+    it, so every layer draws its own sizes from the step's key. `n_experts` is this
+    layer's expert count (a pruned layer holds fewer; None = config.n_experts). With
+    mutable=['intermediates'] the block also sows its router logits f32[B, S, N]
+    (expert selection and specialisation analysis read them).
     """
 
     config: ModelConfig
     routing_config: RoutingConfig
     moe_fn: MoELayerFn = moe_layer
+    n_experts: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, train: bool) -> tuple[Array, routing.RoutingStats]:
@@ -40,13 +44,16 @@ class MoEBlock(nn.Module):
         cfg = self.config
         pdtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         init = dense_init(cfg.init_std)
-        n_r, e, h, d = cfg.n_routed_experts, cfg.n_experts, cfg.expert_hidden, cfg.d_model
+        e = cfg.n_experts if self.n_experts is None else self.n_experts
+        n_r, h, d = e - cfg.n_shared_experts, cfg.expert_hidden, cfg.d_model
         # The router stays float32 (SPEC section 1), whatever the compute dtype.
         w_router = param_with_axes(self, "router", init, (d, n_r), jnp.float32, ("embed", "router_exp"))
         w_gate = param_with_axes(self, "w_gate", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))
         w_up = param_with_axes(self, "w_up", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))
         w_down = param_with_axes(self, "w_down", init, (e, h, d), pdtype, ("exp", "mlp", "embed"))
 
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "router_logits", router_logits(x.astype(dtype), w_router))
         batch, seq = segment_ids.shape
         key = self.make_rng("routing") if (train and self.routing_config.pool == "random") else None
         pool_sizes = pool_sizes_for(self.routing_config, train, key, batch, seq + 1)

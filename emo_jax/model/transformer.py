@@ -22,6 +22,7 @@ class Block(nn.Module):
     config: ModelConfig
     routing_config: RoutingConfig
     moe_fn: MoELayerFn = moe_layer
+    n_experts: int | None = None  # this layer's experts (pruned models); None = config.n_experts
 
     @nn.compact
     def __call__(self, x, segment_ids, router_segments, positions, train: bool):
@@ -31,7 +32,7 @@ class Block(nn.Module):
         attn_norm = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="attention_norm")
         ffn_norm = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="feedforward_norm")
         attention = Attention(cfg, name="attention")
-        moe = MoEBlock(cfg, self.routing_config, self.moe_fn, name="moe")
+        moe = MoEBlock(cfg, self.routing_config, self.moe_fn, self.n_experts, name="moe")
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if cfg.norm_placement == "pre":
             x = x + attention(attn_norm(x), segment_ids, positions)
@@ -79,7 +80,7 @@ class EmoTransformer(nn.Module):
             block_cls = nn.remat(Block, static_argnums=(5,))
         layer_stats = []
         for layer in range(cfg.n_layers):
-            block = block_cls(cfg, self.routing_config, self.moe_fn, name=f"layer_{layer}")
+            block = block_cls(cfg, self.routing_config, self.moe_fn, cfg.expert_counts[layer], name=f"layer_{layer}")
             x, stats = block(x, segment_ids, router_segments, positions, train)
             layer_stats.append(stats)
         x = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="final_norm")(x)
@@ -89,7 +90,22 @@ class EmoTransformer(nn.Module):
             head = param_with_axes(self, "lm_head", init, (cfg.d_model, cfg.vocab_size), pdtype,
                                    ("embed", "vocab"))
             logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dtype))
-        return logits, jax.tree.map(lambda *s: jnp.stack(s), *layer_stats)
+        return logits, stack_layer_stats(layer_stats)
+
+
+def stack_layer_stats(layer_stats: list[routing.RoutingStats]) -> routing.RoutingStats:
+    """Stacks per-layer statistics to [L, ...]. Layers of a pruned model may hold fewer
+    routed experts: their per-expert sums are zero-padded to the widest layer (a zero
+    count and probability add nothing to the load-balance sum)."""
+    width = max(s.expert_counts.shape[-1] for s in layer_stats)
+
+    def pad(x):
+        if x.shape[-1] == width:
+            return x
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+    padded = [s._replace(expert_counts=pad(s.expert_counts), prob_sums=pad(s.prob_sums)) for s in layer_stats]
+    return jax.tree.map(lambda *s: jnp.stack(s), *padded)
 
 
 def build_model(config: Config, moe_fn: MoELayerFn | None = None) -> EmoTransformer:

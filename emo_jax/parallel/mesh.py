@@ -47,7 +47,9 @@ def check_batch_divides(mesh: jax.sharding.Mesh, global_batch: int, micro_batche
                           f"{shards} batch shards of the mesh (data x fsdp x expert).")
 
 
-def check_experts_divide(mesh: jax.sharding.Mesh, n_experts: int) -> None:
+def check_experts_divide(mesh: jax.sharding.Mesh, n_experts: int, key: str = "model.n_experts") -> None:
     if n_experts % mesh.shape["expert"]:
-        raise ConfigError(f"model.n_experts={n_experts} is not divisible by the mesh's expert axis "
-                          f"({mesh.shape['expert']}); choose mesh.expert dividing {n_experts}.")
+        fix = (f"choose mesh.expert dividing {n_experts}" if key == "model.n_experts" else
+               "run this pruned model with mesh.expert=1")
+        raise ConfigError(f"{key}={n_experts} is not divisible by the mesh's expert axis "
+                          f"({mesh.shape['expert']}); {fix}.")

@@ -27,6 +27,16 @@ class LossParts(NamedTuple):
     output_z: Array
 
 
+def layer_routed_counts(config: Config, token_count: Array) -> int | Array:
+    """n_r for the load-balance factor: an int, or f32[L, 1...] (shaped like the
+    per-layer token counts) when the layers of a pruned model hold different numbers."""
+    counts = config.model.routed_counts
+    if len(set(counts)) == 1:
+        return counts[0]
+    n = jnp.asarray(counts, jnp.float32)
+    return n.reshape(n.shape + (1,) * (token_count.ndim - 1))
+
+
 def objective(logits: Array, stats: RoutingStats, batch: dict, config: Config, *,
               step_tokens: Array, lb_stats: RoutingStats | None = None,
               num_micro_batches: int = 1) -> LossParts:
@@ -44,12 +54,13 @@ def objective(logits: Array, stats: RoutingStats, batch: dict, config: Config, *
     ce_sum, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     out_z = losses.output_z_sum(logits, batch["loss_mask"]) / step_tokens
     ce = ce_sum / step_tokens
+    n_routed = layer_routed_counts(config, stats.token_count)
     if lb_stats is None:
-        lb = jnp.mean(losses.load_balance_loss(stats, m.n_routed_experts, m.routed_top_k)) / num_micro_batches
+        lb = jnp.mean(losses.load_balance_loss(stats, n_routed, m.routed_top_k)) / num_micro_batches
         z = jnp.mean(losses.router_z_loss(stats)) / num_micro_batches
     else:
         window = lb_stats._replace(prob_sums=stats.prob_sums, router_z_sum=stats.router_z_sum)
-        lb = jnp.mean(losses.load_balance_loss(window, m.n_routed_experts, m.routed_top_k))
+        lb = jnp.mean(losses.load_balance_loss(window, n_routed, m.routed_top_k))
         z = jnp.mean(losses.router_z_loss(window))
     total = ce + w.lb_weight * lb + w.router_z_weight * z + w.output_z_weight * out_z
     return LossParts(total, ce, lb, z, out_z)

@@ -1,0 +1,16 @@
+"""Selective expert use (SPEC sections 6-7): keep a few experts for one domain.
+
+  documents.py  calibration / held-out text -> packed numpy batches
+  checkpoints.py  load a trained or pruned model, save a pruned one (orbax, normal layout)
+  probe.py      router logits of every layer from one forward pass
+  select.py     greedy layer-by-layer expert selection, random-subset baseline
+  prune.py      physical pruning: slice experts and router columns, per-layer counts
+  evaluate.py   held-out loss and perplexity of a model on batches
+  analyze.py    per-domain routing vectors, cosine similarities, usage, expert-set sizes
+  reproduce.py  EMO vs standard MoE pruning curves on the bundled corpus
+  commands.py   the `emo-jax select | prune | eval | analyze | reproduce` entry points
+"""
+
+
+class ModularError(ValueError):
+    """Bad input to selection, pruning, evaluation or analysis: one line naming the fix."""
