@@ -120,6 +120,11 @@ def standard_case():
     return Case(n_shared=1, routed_top_k=3, pooled=False, seed=1)
 
 
+
+def _case_id(v) -> str:
+    """Test id: a mesh shape as 2x1x4, a transport as its name."""
+    return "x".join(map(str, v)) if isinstance(v, tuple) else v
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_expert_parallel_matches_single_device(emo_case, shape, transport):
@@ -134,7 +139,7 @@ def test_expert_parallel_matches_single_device(emo_case, shape, transport):
 
 @pytest.mark.parametrize("shape, transport", [((2, 1, 4), "all_to_all"), ((1, 1, 8), "emulated_ragged"),
                                               ((2, 2, 2), "all_to_all")],
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+                         ids=_case_id)
 def test_standard_moe_without_pool(standard_case, shape, transport):
     mesh = _mesh(shape)
     out = standard_case.run(make_expert_parallel_moe(mesh, transport), mesh)
@@ -180,7 +185,7 @@ def test_hot_case_is_really_imbalanced(hot_case):
 
 @pytest.mark.parametrize("shape, transport", [((2, 1, 4), "all_to_all"), ((2, 1, 4), "emulated_ragged"),
                                               ((1, 1, 8), "all_to_all")],
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+                         ids=_case_id)
 def test_worst_case_imbalance_is_dropless_and_exact(hot_case, shape, transport):
     mesh = _mesh(shape)
     out = hot_case.run(make_expert_parallel_moe(mesh, transport), mesh)

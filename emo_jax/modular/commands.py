@@ -102,7 +102,8 @@ def select_main(args) -> int:
 
 def prune_main(args) -> int:
     from emo_jax.modular.checkpoints import save_model
-    from emo_jax.modular.prune import param_bytes, prune
+    from emo_jax.modular.checkpoints import PRUNED_STEP
+    from emo_jax.modular.prune import check_counts, param_bytes, prune
     from emo_jax.modular.select import Selection
     from emo_jax.config import parse_overrides
     config, params, step = _load(argparse.Namespace(checkpoint=args.checkpoint, step=args.step, pool=args.pool))
@@ -122,7 +123,6 @@ def prune_main(args) -> int:
     train = {"run_dir": str(out), **tree.pop("train", {})}
     if not train.get("checkpoint_every", config.train.checkpoint_every):
         train["checkpoint_every"] = train.get("steps", config.train.steps)  # fine-tuning must save its end
-    from emo_jax.modular.prune import check_counts
     check_counts(config.model, selection.counts)
     new_config, new_params = prune(config, params, selection.keep, train=train, name=f"{config.name}_pruned",
                                    **tree)
@@ -132,7 +132,7 @@ def prune_main(args) -> int:
     _print_selection(selection)
     print(f"parameter bytes: {before['total']:,} -> {after['total']:,} "
           f"({100 * after['total'] / before['total']:.1f}%); experts {before['experts']:,} -> {after['experts']:,}")
-    print(f"pruned model: {out}/checkpoints/{0} with config {out / 'config.yaml'} "
+    print(f"pruned model: {out}/checkpoints/{PRUNED_STEP} with config {out / 'config.yaml'} "
           f"(model.layer_experts={list(new_config.model.expert_counts)}), from {args.checkpoint} step {step}")
     (out / "prune.json").write_text(json.dumps({"source": str(args.checkpoint), "source_step": step,
                                                 "bytes_before": before, "bytes_after": after}, indent=1))
@@ -185,12 +185,12 @@ def analyze_main(args) -> int:
 def reproduce_main(args) -> int:
     from emo_jax.config import load_config
     from emo_jax.modular import reproduce
+    from emo_jax.modular.prune import check_counts
     config = load_config(args.config, args.overrides)
     try:
         keep = tuple(int(k) for k in args.keep.split(",")) if args.keep else ()
     except ValueError:
         raise ModularError(f"--keep {args.keep!r} must be comma-separated integers, e.g. 32,16,8,4.") from None
-    from emo_jax.modular.prune import check_counts
     for k in keep:
         check_counts(config.model, (k,) * config.model.n_layers)
     opts = reproduce.Options(keep=keep, calibration_docs=args.calibration_docs,

@@ -9,13 +9,12 @@ batch has the static shape [batch_size, seq_len].
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from emo_jax.data import packing
+from emo_jax.data import corpus_builder, packing
 from emo_jax.modular import ModularError
 
 Batch = dict[str, np.ndarray]  # packing.ROW_KEYS -> [B, S]
@@ -27,22 +26,10 @@ def read_documents(paths: Sequence[str | Path]) -> list[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise ModularError(f"calibration file {path} does not exist; pass a .txt or .jsonl file.")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".jsonl":
-            found = []
-            for line_no, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ModularError(f"{path}:{line_no}: not valid JSON ({err.msg}); fix or remove the line.") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ModularError(f"{path}:{line_no}: expected a JSON object with a string 'text' field.")
-                if record["text"].strip():
-                    found.append(record["text"])
-        else:
-            found = [text] if text.strip() else []
+        try:  # the same reader as `emo-jax data build --inputs` (one rule for .jsonl / text)
+            found = [doc.text for doc in corpus_builder.read_text_file_documents(path, "default", lambda _: None)]
+        except ValueError as err:
+            raise ModularError(f"{err}.") from None
         if not found:
             raise ModularError(f"calibration file {path} holds no text; give a non-empty .txt file or a "
                                ".jsonl file with 'text' fields.")
