@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from emo_jax.config import ConfigError, load_config
 
@@ -51,7 +52,8 @@ def _smoke(args) -> int:
 
 def _train(args) -> int:
     from emo_jax.train.checkpoint import CheckpointError
-    from emo_jax.train.loop import NonFiniteLossError, plot_loss_curve, train
+    from emo_jax.train.loop import NonFiniteLossError, train
+    from emo_jax.train.plots import plot_loss_curve
     config = load_config(args.config, args.overrides)
     try:
         result = train(config, resume=not args.no_resume)
@@ -61,9 +63,29 @@ def _train(args) -> int:
     if result.losses and (result.run_dir / "metrics.jsonl").exists():
         png = plot_loss_curve(result.run_dir)
         print(f"loss curve: {png}")
+        _report_specialisation(result.run_dir)
     if result.stopped_by_signal:
         print(f"stopped by SIGTERM after step {result.final_step}; checkpoint saved")
     return 0
+
+
+def _report_specialisation(run_dir: Path) -> None:
+    """After training: the last validation's specialisation summary, its heatmaps and the
+    specialisation-over-training plot, next to the loss curve."""
+    import json
+    from emo_jax.modular import analyze
+    from emo_jax.train.plots import plot_specialisation, read_metrics, specialisation_series
+    path = run_dir / "analysis" / "analysis.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    print(f"routing specialisation on the validation documents at step {summary['step']} "
+          "(lower = more specialised):")
+    print(analyze.format_summary(summary))
+    pictures = analyze.plot(summary, run_dir / "analysis", title=f"{run_dir.name} step {summary['step']}")
+    over_time = plot_specialisation({run_dir.name: specialisation_series(read_metrics(run_dir))},
+                                    run_dir / "specialisation.png", title=run_dir.name)
+    print("wrote " + ", ".join(str(p) for p in [*pictures, over_time] if p is not None))
 
 
 def _data(args) -> int:

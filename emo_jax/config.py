@@ -147,6 +147,11 @@ class DataConfig:
     global_batch_size: int = 8
     num_workers: int = 0
     seed: int = 0
+    # Row-level shuffle after packing: packed rows are read in windows of this many rows
+    # and every window is emitted in a seeded random order, so that a batch mixes the
+    # corpus's domains (documents are long: without it a batch holds 2-3 domains).
+    # 0 = off (rows in packing order). See docs/data.md.
+    shuffle_rows: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +161,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
+    # Periodic validation (emo_jax/train/eval_sample.py): a fixed sample, the same at
+    # every evaluation, balanced over the dataset's domains: eval_batches x
+    # global_batch_size packed rows split equally between the domains (held-out loss
+    # per domain), and the first eval_routing_docs validation documents of every
+    # domain, one per row (specialisation measures; 0 = off).
     eval_batches: int = 4
+    eval_routing_docs: int = 8
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     run_dir: str = "runs/default"

@@ -355,9 +355,13 @@ def test_cli_select_prune_eval_analyze_and_finetune(world, capsys):
                str(tmp / "an")) == 0
     summary = json.loads((tmp / "an" / "analysis.json").read_text())
     assert len(summary["layers"]) == 2 and np.asarray(summary["layers"][0]["domain_cosine"]).shape == (3, 3)
-    for name in ("domain_cosine.png", "expert_usage.png", "expert_set_sizes.png", "domain_cosine.csv",
-                 "expert_usage.csv", "expert_set_sizes.csv"):
+    for name in ("domain_cosine.png", "expert_usage.png", "experts_for_90pct_mass.png", "domain_cosine.csv",
+                 "expert_usage.csv", "experts_for_90pct_mass.csv"):
         assert (tmp / "an" / name).stat().st_size > 0
+    layer = summary["layers"][0]
+    for key in ("mean_domain_cosine", "mean_centered_cosine", "mean_usage_cosine", "mean_experts_for_90pct_mass"):
+        assert np.isfinite(layer[key]), key
+    assert "centred cosine" in capsys.readouterr().out
 
     # Fine-tune the pruned model with the ordinary training command.
     assert cli("train", "--config", str(out / "config.yaml")) == 0

@@ -152,6 +152,12 @@ def test_metrics_log_has_every_field_and_eval_per_domain(runs):
     assert [r["step"] for r in eval_rows] == [12, 24]
     assert {"loss/red", "loss/green", "loss/blue"} <= set(eval_rows[0])
     assert all(math.isfinite(r["loss"]) for r in eval_rows)
+    for name in ("domain_cosine", "centered_cosine", "usage_cosine", "experts_for_90pct_mass"):
+        assert len(eval_rows[0][f"specialisation/{name}"]) == 2, name  # per layer
+    assert json.loads((runs["straight"] / "analysis" / "analysis.json").read_text())["step"] == STEPS
+    for png in ("specialisation.png", "analysis/expert_usage.png", "analysis/domain_cosine.png"):
+        assert (runs["straight"] / png).stat().st_size > 1000, png
+    assert "centred cosine" in runs["final_out"]  # the summary printed after training
     assert list((runs["straight"] / "tensorboard").iterdir()), "TensorBoard event files"
     assert (runs["straight"] / "loss_curve.png").stat().st_size > 1000
 

@@ -79,10 +79,19 @@ def build_main(argv: list[str]) -> int:
 
 
 def _stats_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="emo-jax data stats", description="Documents, tokens and bytes per domain and split.")
-  p.add_argument("--data-dir", default=str(corpus_builder.default_data_dir()), help="TFDS data directory (default: %(default)s)")
-  p.add_argument("--dataset", default="emo_corpus", help="name[/config[/version]] under DATA_DIR, or a dataset directory")
-  p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: the one stored with the dataset)")
+  p = argparse.ArgumentParser(
+    prog="emo-jax data stats",
+    description="Documents, tokens and bytes per domain and split; with --config, how the training "
+                "batches of that config mix the domains (with and without the row shuffle).")
+  p.add_argument("--data-dir", default=None,
+                 help=f"TFDS data directory (default: the config's data.data_dir, else {corpus_builder.default_data_dir()})")
+  p.add_argument("--dataset", default=None,
+                 help="name[/config[/version]] under DATA_DIR, or a dataset directory (default: the config's data.dataset, else emo_corpus)")
+  p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer.json (default: the config's, else the one stored with the dataset)")
+  p.add_argument("--config", default=None, metavar="PATH",
+                 help="a training config: report the domain mix of its first --batches training batches "
+                      "(data.seq_len, global_batch_size, seed, shuffle_rows) next to data.shuffle_rows=0")
+  p.add_argument("--batches", type=int, default=50, help="training batches to measure with --config (default: %(default)s)")
   p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
   return p
 
@@ -108,8 +117,76 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
   return "\n".join(lines)
 
 
+def mixing_stats(config, *, data_dir: str, dataset: str, tokenizer_path: str | None, num_batches: int) -> dict:
+  """Domain mix of the first `num_batches` training batches of `config` (one host, as
+  training on one host builds them), with its data.shuffle_rows and with 0, and the
+  ideal of rows drawn iid from the train split's token shares."""
+  import numpy as np
+
+  from emo_jax.data import mixing
+  from emo_jax.data.pipeline import make_train_iterator
+
+  c = config.data
+  source = open_data_source(data_dir, dataset, "train")
+  tokenizer = load_tokenizer(tokenizer_path or source.dataset_dir)
+  per_domain = count_split(source.records, tokenizer, source.domains)
+  corpus = np.array([per_domain.get(d, {"tokens": 0})["tokens"] for d in source.domains], np.float64)
+  corpus_shares = mixing.shares(corpus)
+  columns = {}
+  for shuffle_rows in dict.fromkeys((c.shuffle_rows, 0)):  # the config's first; once if it is 0
+    iterator = make_train_iterator(
+      data_dir, dataset, seq_len=c.seq_len, global_batch_size=c.global_batch_size, seed=c.seed,
+      tokenizer_path=tokenizer_path, process_index=0, process_count=1, shuffle_rows=shuffle_rows)
+    batches = (next(iterator) for _ in tqdm.trange(num_batches, desc=f"shuffle_rows={shuffle_rows}", unit="batch", leave=False))
+    columns[f"shuffle_rows={shuffle_rows}"] = mixing.batch_mixing(batches, len(source.domains), corpus_shares)
+  columns["iid rows (ideal)"] = mixing.iid_rows_reference(corpus_shares, c.global_batch_size)
+  return {
+    "config": getattr(config, "name", None), "dataset": str(source.dataset_dir), "split": "train",
+    "seq_len": c.seq_len, "global_batch_size": c.global_batch_size, "seed": c.seed, "batches": num_batches,
+    "corpus_token_shares": {d: float(s) for d, s in zip(source.domains, corpus_shares)},
+    "columns": columns,
+  }
+
+
+def _mixing_main(args) -> int:
+  from emo_jax.config import ConfigError, load_config
+  from emo_jax.data import mixing
+
+  if args.batches < 1:
+    print(f"error: --batches must be positive, got {args.batches}", file=sys.stderr)
+    return 1
+  try:
+    config = load_config(args.config)
+  except ConfigError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  data_dir = args.data_dir or config.data.data_dir
+  dataset = args.dataset or config.data.dataset
+  if dataset == "synthetic":
+    print(f"error: {args.config} trains on synthetic data: pass --dataset (and --data-dir) to measure a built dataset", file=sys.stderr)
+    return 1
+  try:
+    result = mixing_stats(config, data_dir=data_dir, dataset=dataset,
+                          tokenizer_path=args.tokenizer or config.data.tokenizer or None, num_batches=args.batches)
+  except (FileNotFoundError, ValueError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+  print(f"dataset: {result['dataset']} (train split)")
+  print(f"config: {args.config}: seq_len {result['seq_len']}, global batch {result['global_batch_size']} rows, "
+        f"seed {result['seed']}; first {result['batches']} batches, real tokens only")
+  print("corpus token shares: " + ", ".join(f"{d} {s:.3f}" for d, s in result["corpus_token_shares"].items()))
+  print(mixing.format_mixing_table(result["columns"]))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+  return 0
+
+
 def stats_main(argv: list[str]) -> int:
   args = _stats_parser().parse_args(argv)
+  if args.config:
+    return _mixing_main(args)
+  args.data_dir = args.data_dir or str(corpus_builder.default_data_dir())
+  args.dataset = args.dataset or "emo_corpus"
   try:
     directory = resolve_dataset_dir(args.data_dir, args.dataset)
     tokenizer = load_tokenizer(args.tokenizer or directory)

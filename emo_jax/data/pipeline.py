@@ -4,16 +4,19 @@ Order of stages (per host):
   MapDataset over records, sliced to this host (`[index::count]`, documents are disjoint)
   -> shuffle(seed) -> repeat(epochs; reshuffled per epoch) -> groups of documents
   -> tokenize + EOS (one `encode_batch` per group) -> to_iter_dataset (thread prefetch)
-  -> PackedRowsIterDataset (checkpointable carry-over between rows) -> batch
+  -> PackedRowsIterDataset (checkpointable carry-over between rows)
+  -> ShuffledRowsIterDataset (training only, `shuffle_rows` > 0: rows shuffled within
+     windows of that many rows, so a batch mixes documents, hence domains) -> batch
   -> optional worker processes (mp_prefetch).
 The iterator's `get_state()/set_state()` resume exactly; `iterator_state_to_json` makes
-the state storable with orbax (`ocp.args.JsonSave`).
+the state storable with orbax (`ocp.args.JsonSave`). See docs/data.md.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import copy
 import dataclasses
 import functools
 import itertools
@@ -187,6 +190,103 @@ class PackedRowsIterDataset(grain.IterDataset):
     return f"PackedRowsIterDataset(seq_len={self._seq_len})"
 
 
+# ------------------------------------------------------------------ row shuffle stage
+
+_ROW_SHUFFLE_SALT = 0x5EED_0F_0705  # separates this stage's random stream from other uses of the seed
+
+
+def window_permutation(seed: int, window_index: int, size: int) -> np.ndarray:
+  """The order in which a window of `size` rows is emitted: a pure function of its arguments.
+
+  Sorting PCG64's raw 64-bit outputs gives a uniformly random permutation (ties have
+  probability ~size^2/2^64) and only depends on the bit generator's output stream,
+  which NumPy keeps stable across versions (NEP 19), unlike `Generator.permutation`.
+  """
+  entropy = [_ROW_SHUFFLE_SALT, seed % 2**64, window_index]
+  keys = np.random.PCG64(np.random.SeedSequence(entropy)).random_raw(size)
+  return np.argsort(keys, kind="stable")
+
+
+class _ShuffledRowsIterator(grain.DatasetIterator):
+  """Reads `window` rows, emits them in the order window_permutation(seed, window index).
+
+  State = {"parent": parent state at the start of the current window, "window_index",
+  "emitted": rows of the window already emitted}: small JSON, no row contents.
+  set_state re-reads the window from the parent (re-tokenizing up to `window` rows) and
+  skips the emitted rows, so a resumed iterator yields exactly the same rows.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, window: int, seed: int):
+    super().__init__(parent)
+    self._window = window
+    self._seed = seed
+    self._window_index = 0
+    self._start = copy.deepcopy(self._parent.get_state())  # parent state before the window
+    self._rows: list[packing.Row | None] | None = None  # the window in emission order; None: not read yet
+    self._emitted = 0
+    self._exhausted = False  # the parent raised StopIteration
+
+  def _fill(self) -> None:
+    rows = []
+    while len(rows) < self._window and not self._exhausted:
+      try:
+        rows.append(next(self._parent))
+      except StopIteration:
+        self._exhausted = True
+    self._rows = [rows[i] for i in window_permutation(self._seed, self._window_index, len(rows))]
+    if self._emitted > len(self._rows):
+      raise ValueError(f"iterator state does not match the dataset (window {self._window_index} has "
+                       f"{len(self._rows)} rows, the state has {self._emitted} emitted)")
+
+  def __next__(self) -> packing.Row:
+    if self._rows is None:
+      if self._exhausted:
+        raise StopIteration
+      self._fill()
+    if self._emitted == len(self._rows):  # only an empty final window (rows run out at a window end)
+      raise StopIteration
+    row, self._rows[self._emitted] = self._rows[self._emitted], None  # free it
+    self._emitted += 1
+    if self._emitted == len(self._rows):  # window done: the next one starts at the parent's position
+      self._start = copy.deepcopy(self._parent.get_state())
+      self._window_index += 1
+      self._rows, self._emitted = None, 0
+    return row
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": copy.deepcopy(self._start), "window_index": self._window_index, "emitted": self._emitted}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._start = copy.deepcopy(state["parent"])
+    self._window_index = int(state["window_index"])
+    self._emitted = int(state["emitted"])
+    self._rows = None  # re-read lazily at the next row
+    self._exhausted = False
+
+
+class ShuffledRowsIterDataset(grain.IterDataset):
+  """Shuffles rows within consecutive windows of `window` rows (the last one may be shorter).
+
+  Exact and checkpointable (see _ShuffledRowsIterator); every row is emitted once. Written
+  here rather than using grain's WindowShuffleIterDataset, whose checkpointing was fixed
+  only in grain 0.2.16 (this package allows grain>=0.2.12) and whose state is grain's.
+  """
+
+  def __init__(self, parent: grain.IterDataset, window: int, seed: int):
+    super().__init__(parent)
+    if window < 1:
+      raise ValueError(f"the row shuffle window must be positive, got {window}")
+    self._window = window
+    self._seed = seed
+
+  def __iter__(self) -> _ShuffledRowsIterator:
+    return _ShuffledRowsIterator(self._parent.__iter__(), self._window, self._seed)
+
+  def __str__(self) -> str:
+    return f"ShuffledRowsIterDataset(window={self._window}, seed={self._seed})"
+
+
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -204,6 +304,7 @@ class PipelineConfig:
   num_threads: int = 2  # tokenizing threads (grain ReadOptions)
   prefetch_buffer_size: int = 8  # groups read ahead per thread pool
   num_workers: int = 0  # > 0: worker processes after batching (mp_prefetch)
+  shuffle_rows: int = 0  # > 0: shuffle packed rows within windows of this many rows; 0: off
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -218,6 +319,8 @@ def build_dataset(records: Any, domains: Sequence[str], tokenizer: TextTokenizer
   """The grain dataset of batches (dict of [batch_size, seq_len] numpy arrays)."""
   if not 0 <= cfg.shard_index < cfg.shard_count:
     raise ValueError(f"shard_index {cfg.shard_index} is not in [0, {cfg.shard_count})")
+  if cfg.shuffle_rows < 0:
+    raise ValueError(f"shuffle_rows must be >= 0 (0 = no row shuffle), got {cfg.shuffle_rows}")
   if len(records) < cfg.shard_count:
     raise ValueError(f"{len(records)} documents cannot be split across {cfg.shard_count} hosts: use a bigger dataset")
   ds = grain.MapDataset.source(records)[cfg.shard_index::cfg.shard_count]
@@ -228,6 +331,8 @@ def build_dataset(records: Any, domains: Sequence[str], tokenizer: TextTokenizer
   ds = ds.map(TokenizeDocuments(tokenizer, tuple(domains)))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
   it = PackedRowsIterDataset(it, cfg.seq_len, tokenizer.pad_id)
+  if cfg.shuffle_rows:
+    it = ShuffledRowsIterDataset(it, cfg.shuffle_rows, cfg.seed)
   it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=packing.stack_rows)
   if not cfg.drop_remainder:
     it = it.map(functools.partial(packing.pad_batch, batch_size=cfg.batch_size, pad_id=tokenizer.pad_id))
@@ -268,11 +373,13 @@ def make_train_iterator(
   num_workers: int = 0,
   num_threads: int = 2,
   docs_per_group: int = 64,
+  shuffle_rows: int = 0,
 ) -> grain.DatasetIterator:
   """Endless, shuffled, checkpointable iterator of this host's batches ([global/hosts, seq_len]).
 
   Host index/count default to jax.process_index()/process_count(); the tokenizer defaults
-  to the tokenizer.json stored with the dataset.
+  to the tokenizer.json stored with the dataset. `shuffle_rows` > 0 shuffles packed rows
+  within windows of that many rows (ShuffledRowsIterDataset); 0 keeps packing order.
   """
   source = open_data_source(data_dir, dataset, split)
   tokenizer = load_tokenizer(tokenizer_path or source.dataset_dir, eos_id=eos_id, pad_id=pad_id)
@@ -280,7 +387,7 @@ def make_train_iterator(
   cfg = PipelineConfig(
     seq_len=seq_len, batch_size=_per_host_batch(global_batch_size, count), seed=seed, shuffle=True,
     num_epochs=None, shard_index=index, shard_count=count, docs_per_group=docs_per_group,
-    drop_remainder=True, num_threads=num_threads, num_workers=num_workers)
+    drop_remainder=True, num_threads=num_threads, num_workers=num_workers, shuffle_rows=shuffle_rows)
   return iter(build_dataset(source.records, source.domains, tokenizer, cfg))
 
 

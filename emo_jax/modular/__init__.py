@@ -6,7 +6,7 @@
   select.py     greedy layer-by-layer expert selection, random-subset baseline
   prune.py      physical pruning: slice experts and router columns, per-layer counts
   evaluate.py   held-out loss and perplexity of a model on batches
-  analyze.py    per-domain routing vectors, cosine similarities, usage, expert-set sizes
+  analyze.py    per-domain routing vectors and the specialisation measures, tables, plots
   reproduce.py  EMO vs standard MoE pruning curves on the bundled corpus
   commands.py   the `emo-jax select | prune | eval | analyze | reproduce` entry points
 """

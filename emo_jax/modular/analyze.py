@@ -1,10 +1,6 @@
-"""How specialised the experts are (SPEC section 7), from one document per row.
-
-For every document (its first seq_len tokens) and layer: the mean routing vector
-(mean router softmax over its tokens), the routed experts its tokens use (union of
-their top-k_r, with the eval-mode pool) and how many those are. Per domain: the mean
-routing vector, the cosine similarity between domains' vectors per layer, and the
-share of routed assignments each expert gets (usage heatmap).
+"""`emo-jax analyze` and the reproduction's analysis: routing of one document per row,
+summarised per domain by `emo_jax.specialisation` (the measures are described there and
+in docs/algorithm.md), written as JSON/CSV tables and PNG plots.
 """
 
 from __future__ import annotations
@@ -18,41 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emo_jax import routing
 from emo_jax.config import Config
 from emo_jax.model.moe_block import pool_sizes_for
 from emo_jax.modular import probe
+from emo_jax.specialisation import (  # noqa: F401  (re-exported: the analysis API)
+    SCALAR_METRICS, cosine_matrix, document_routing, experts_for_mass, format_summary, layer_summary,
+    mean_off_diagonal, scalar_metrics, summarise)
 
 Array = jax.Array
-
-
-def document_routing(router_logits: Array, segment_ids: Array, routed_top_k: int,
-                     pool_sizes: Array | None) -> tuple[Array, Array, Array]:
-    """One layer, one document per row.
-
-    router_logits f32[B, S, N]; segment_ids i32[B, S] (1 on the document, 0 padding).
-    Returns mean router probabilities f32[B, N], experts used bool[B, N] (union of the
-    tokens' top-k_r) and routed assignments per expert f32[B, N].
-    """
-    valid = segment_ids > 0
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    tokens = jnp.maximum(jnp.sum(valid, axis=1), 1)[:, None]
-    mean_probs = jnp.sum(jnp.where(valid[..., None], probs, 0.0), axis=1) / tokens
-    r = routing.route(router_logits, segment_ids, routed_top_k, pool_sizes, num_segments=segment_ids.shape[1] + 1)
-    hits = jax.nn.one_hot(r.expert_ids, router_logits.shape[-1], dtype=jnp.float32)  # [B, S, K, N]
-    counts = jnp.sum(jnp.where(valid[..., None, None], hits, 0.0), axis=(1, 2))
-    return mean_probs, counts > 0, counts
-
-
-def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
-    """Cosine similarity between rows. f[M, N] -> f[M, M]."""
-    norm = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-    return norm @ norm.T
-
-
-def mean_off_diagonal(matrix: np.ndarray) -> float:
-    m = matrix.shape[0]
-    return float((matrix.sum() - np.trace(matrix)) / max(m * (m - 1), 1))
 
 
 def collect(config: Config, params: Any, batches: Sequence[dict], rows: int) -> list[dict[str, np.ndarray]]:
@@ -72,41 +41,21 @@ def collect(config: Config, params: Any, batches: Sequence[dict], rows: int) -> 
     return [{k: np.concatenate(v)[:rows] for k, v in acc.items()} for acc in out]
 
 
-def summarise(per_layer: list[dict[str, np.ndarray]], doc_domains: np.ndarray,
-              domains: Sequence[str]) -> dict[str, Any]:
-    """Domain means, cosine matrices, usage shares and expert-set sizes per layer."""
-    layers = []
-    for acc in per_layer:
-        means = np.stack([acc["mean_probs"][doc_domains == d].mean(0) for d in range(len(domains))])
-        usage = np.stack([acc["counts"][doc_domains == d].sum(0) for d in range(len(domains))])
-        usage = usage / np.maximum(usage.sum(-1, keepdims=True), 1.0)
-        sizes = acc["used"].sum(-1)
-        cos = cosine_matrix(means)
-        layers.append({
-            "domain_mean_routing": means.tolist(),
-            "domain_cosine": cos.tolist(),
-            "mean_off_diagonal_cosine": mean_off_diagonal(cos),
-            "expert_usage": usage.tolist(),
-            "document_expert_set_sizes": sizes.astype(int).tolist(),
-            "mean_expert_set_size": {name: float(sizes[doc_domains == d].mean()) for d, name in enumerate(domains)},
-            "routed_experts": int(means.shape[-1]),
-        })
-    return {"domains": list(domains), "document_domains": doc_domains.astype(int).tolist(), "layers": layers}
-
-
 def write_tables(summary: dict[str, Any], out: Path) -> list[Path]:
     """analysis.json plus CSV tables (cosine, usage, set sizes)."""
     out.mkdir(parents=True, exist_ok=True)
     domains = summary["domains"]
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
-    paths = [out / "analysis.json", out / "domain_cosine.csv", out / "expert_usage.csv", out / "expert_set_sizes.csv"]
+    paths = [out / "analysis.json", out / "domain_cosine.csv", out / "expert_usage.csv",
+             out / "experts_for_90pct_mass.csv"]
     with open(paths[1], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["layer", "domain_a", "domain_b", "cosine"])
+        w.writerow(["layer", "domain_a", "domain_b", "cosine", "centered_cosine"])
         for l, layer in enumerate(summary["layers"]):
             for i, a in enumerate(domains):
                 for j, b in enumerate(domains):
-                    w.writerow([l, a, b, f"{layer['domain_cosine'][i][j]:.4f}"])
+                    w.writerow([l, a, b, f"{layer['domain_cosine'][i][j]:.4f}",
+                                f"{layer['centered_cosine_matrix'][i][j]:.4f}"])
     with open(paths[2], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "domain", "expert", "share"])
@@ -116,15 +65,16 @@ def write_tables(summary: dict[str, Any], out: Path) -> list[Path]:
                     w.writerow([l, a, e, f"{share:.5f}"])
     with open(paths[3], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["layer", "document", "domain", "experts_used"])
+        w.writerow(["layer", "document", "domain", "experts_for_90pct_mass"])
         for l, layer in enumerate(summary["layers"]):
-            for doc, (d, size) in enumerate(zip(summary["document_domains"], layer["document_expert_set_sizes"])):
+            for doc, (d, size) in enumerate(zip(summary["document_domains"],
+                                                layer["document_experts_for_90pct_mass"])):
                 w.writerow([l, doc, domains[d], size])
     return paths
 
 
 def plot(summary: dict[str, Any], out: Path, title: str = "") -> list[Path]:
-    """domain_cosine.png, expert_usage.png, expert_set_sizes.png."""
+    """domain_cosine.png (raw and centred), expert_usage.png, experts_for_90pct_mass.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,14 +83,18 @@ def plot(summary: dict[str, Any], out: Path, title: str = "") -> list[Path]:
     n = len(layers)
     paths = []
 
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1, 3.8), squeeze=False)
-    for l, (ax, layer) in enumerate(zip(axes[0], layers)):
-        im = ax.imshow(np.asarray(layer["domain_cosine"]), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"layer {l}: mean off-diag {layer['mean_off_diagonal_cosine']:.2f}", fontsize=8)
-        ax.set_xticks(range(len(domains)), domains, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(domains)), domains if l == 0 else [], fontsize=6)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine")
-    fig.suptitle(f"{title} domain x domain cosine of mean routing vectors", fontsize=9)
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1, 7.4), squeeze=False)
+    for row, (key, mean_key, vmin, label) in enumerate((("domain_cosine", "mean_domain_cosine", 0, "cosine"),
+                                                         ("centered_cosine_matrix", "mean_centered_cosine", -1,
+                                                          "centred cosine"))):
+        for l, (ax, layer) in enumerate(zip(axes[row], layers)):
+            im = ax.imshow(np.asarray(layer[key]), vmin=vmin, vmax=1, cmap="viridis")
+            ax.set_title(f"layer {l}: {label} {layer[mean_key]:.2f}", fontsize=8)
+            ax.set_xticks(range(len(domains)), domains if row == 1 else [], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(domains)), domains if l == 0 else [], fontsize=6)
+        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8, label=label)
+    fig.suptitle(f"{title} domain x domain cosine of mean routing vectors (top: raw, bottom: minus uniform)",
+                 fontsize=9)
     paths.append(out / "domain_cosine.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -160,13 +114,14 @@ def plot(summary: dict[str, Any], out: Path, title: str = "") -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / n
     for l, layer in enumerate(layers):
-        values = [layer["mean_expert_set_size"][d] for d in domains]
+        values = [layer["experts_for_90pct_mass"].get(d, np.nan) for d in domains]
         ax.bar(np.arange(len(domains)) + l * width, values, width, label=f"layer {l}")
     ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, rotation=30, fontsize=7)
-    ax.set_ylabel("routed experts used per document")
+    ax.set_ylabel("experts holding 90% of routing")
     ax.legend(fontsize=7)
-    ax.set_title(f"{title} per-document expert-set size", fontsize=9)
-    paths.append(out / "expert_set_sizes.png")
+    ax.set_title(f"{title} experts holding 90% of a document's routing mass (of {layers[0]['routed_experts']})",
+                 fontsize=9)
+    paths.append(out / "experts_for_90pct_mass.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths

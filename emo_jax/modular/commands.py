@@ -175,9 +175,7 @@ def analyze_main(args) -> int:
     summary = analyze.analyze_documents(config, params, texts)
     out = Path(args.out)
     paths = analyze.write_tables(summary, out) + analyze.plot(summary, out, title=Path(args.checkpoint).name)
-    for layer, s in enumerate(summary["layers"]):
-        print(f"layer {layer}: mean off-diagonal domain cosine {s['mean_off_diagonal_cosine']:.3f}; routed "
-              f"experts used per document " + ", ".join(f"{k} {v:.1f}" for k, v in s["mean_expert_set_size"].items()))
+    print(analyze.format_summary(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -193,10 +191,12 @@ def reproduce_main(args) -> int:
         raise ModularError(f"--keep {args.keep!r} must be comma-separated integers, e.g. 32,16,8,4.") from None
     for k in keep:
         check_counts(config.model, (k,) * config.model.n_layers)
+    if args.seeds < 1:
+        raise ModularError(f"--seeds {args.seeds} must be at least 1.")
     opts = reproduce.Options(keep=keep, calibration_docs=args.calibration_docs,
                              calibration_batches=args.calibration_batches, eval_batches=args.eval_batches,
                              random_seeds=args.random_seeds, method=args.method, analysis_docs=args.analysis_docs,
-                             domains=tuple(args.domains or ()))
+                             domains=tuple(args.domains or ()), seeds=args.seeds)
     reproduce.run(config, args.out or config.train.run_dir, opts, log=lambda s: print(s, flush=True))
     return 0
 
@@ -241,7 +241,7 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value (data/routing)")
     p.set_defaults(fn=_guarded("eval", eval_main))
 
-    p = sub.add_parser("analyze", help="per-domain routing similarity, expert usage, expert-set sizes (PNG+JSON+CSV)")
+    p = sub.add_parser("analyze", help="per-domain routing similarity, expert usage, specialisation measures (PNG+JSON+CSV)")
     _checkpoint_args(p)
     _pool_arg(p)
     p.add_argument("--domains", nargs="+", default=None)
@@ -255,10 +255,12 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="an EMO config, e.g. configs/reproduce_cpu.yaml")
     p.add_argument("--out", default=None, help="output directory (default: the config's train.run_dir)")
     p.add_argument("--keep", default=None, help="K values, e.g. 32,16,8,4 (default: E, E/2, E/4, E/8)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds: mean and std over them (finished seeds in --out are reused)")
     p.add_argument("--calibration-docs", type=int, default=4)
     p.add_argument("--calibration-batches", type=int, default=1)
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per domain")
-    p.add_argument("--random-seeds", type=int, default=2)
+    p.add_argument("--random-seeds", type=int, default=2, help="random expert subsets per K (the baseline)")
     p.add_argument("--method", default="probability", choices=("probability", "frequency"))
     p.add_argument("--analysis-docs", type=int, default=16, help="validation documents per domain for the analysis")
     p.add_argument("--domains", nargs="+", default=None)

@@ -10,7 +10,7 @@ batch has the static shape [batch_size, seq_len].
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -61,6 +61,29 @@ def domain_documents(data_dir: str, dataset: str, domain: str, split: str, limit
     if not docs:
         raise ModularError(f"domain {domain!r} has no documents in the {split!r} split of {dataset!r}.")
     return docs
+
+
+def documents_by_domain(data_dir: str, dataset: str, split: str, enough: "Callable[[list[str]], bool]"
+                        ) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """The documents of every domain of `split`, in record order, read in one pass that
+    stops once `enough(docs)` holds for every domain. Returns (domains, docs by domain)."""
+    from emo_jax.data.pipeline import open_data_source
+    try:
+        source = open_data_source(data_dir, dataset, split)
+    except (FileNotFoundError, ValueError) as err:
+        raise ModularError(f"cannot open dataset {dataset!r} in {data_dir}: {err}") from None
+    docs: dict[str, list[str]] = {d: [] for d in source.domains}
+    open_domains = set(source.domains)
+    for i in range(len(source.records)):
+        record = source.records[i]
+        domain = record["domain"].decode()
+        if domain in open_domains:
+            docs[domain].append(record["text"].decode("utf-8", errors="replace"))
+            if enough(docs[domain]):
+                open_domains.discard(domain)
+                if not open_domains:
+                    break
+    return source.domains, docs
 
 
 def pack_batches(token_docs: Sequence[np.ndarray], eos_id: int, pad_id: int, seq_len: int, batch_size: int,

@@ -60,7 +60,7 @@ class PipelineBatches:
         self._pipeline = pipeline
         self.iterator = pipeline.make_train_iterator(
             c.data_dir, c.dataset, seq_len=c.seq_len, global_batch_size=c.global_batch_size, seed=c.seed,
-            tokenizer_path=c.tokenizer or None, num_workers=c.num_workers)
+            tokenizer_path=c.tokenizer or None, num_workers=c.num_workers, shuffle_rows=c.shuffle_rows)
         source = pipeline.open_data_source(c.data_dir, c.dataset, "train")
         self.domains = source.domains
 
@@ -94,15 +94,18 @@ def train_batches(config: Config) -> BatchSource:
     return PipelineBatches(config)
 
 
-def eval_batches(config: Config) -> tuple[Iterator[dict], tuple[str, ...]]:
-    """A fixed number (train.eval_batches) of validation batches, the same every time."""
-    n = config.train.eval_batches
-    if config.data.dataset == "synthetic":
-        source = SyntheticBatches(config, split="validation")
-        return (next(source) for _ in range(n)), source.domains
-    from emo_jax.data import pipeline
+def eval_sample(config: Config) -> "EvalSample":  # noqa: F821
+    """The run's fixed validation sample (train/eval_sample.py); for synthetic data,
+    train.eval_batches global batches of the validation stream and no routing rows."""
+    from emo_jax.train.eval_sample import EvalSample, build_eval_sample
+    if config.data.dataset != "synthetic":
+        return build_eval_sample(config)
     c = config.data
-    iterator = pipeline.make_eval_iterator(c.data_dir, c.dataset, seq_len=c.seq_len,
-                                           global_batch_size=c.global_batch_size, num_batches=n,
-                                           tokenizer_path=c.tokenizer or None)
-    return iterator, pipeline.open_data_source(c.data_dir, c.dataset, "validation").domains
+    batches = []
+    for i in range(config.train.eval_batches):
+        rng = np.random.default_rng([c.seed, 1_000_003, i])
+        batch = packed_batch(rng, c.global_batch_size, c.seq_len, config.model.vocab_size, pad_fraction=0.0)
+        batch["domain_ids"] = np.where(batch["segment_ids"] > 0, 0, -1).astype(np.int32)
+        batches.append(batch)
+    return EvalSample(domains=SyntheticBatches.domains, loss_batches=tuple(batches), routing_batches=(),
+                      routing_domains=np.zeros((0,), np.int32))

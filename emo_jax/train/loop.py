@@ -23,7 +23,7 @@ from emo_jax.config import Config
 from emo_jax.train import batches as batch_sources
 from emo_jax.train import metrics as metrics_lib
 from emo_jax.train.checkpoint import CheckpointError, Checkpointer
-from emo_jax.train.evaluate import evaluate, make_eval_step
+from emo_jax.train.evaluate import Evaluator
 from emo_jax.train.sharded import make_sharded_trainer
 from emo_jax.train.step import BATCH_KEYS
 
@@ -115,7 +115,7 @@ def train(config: Config, resume: bool = True) -> TrainResult:
 
     flops_token = metrics_lib.flops_per_token(config, metrics_lib.active_matmul_params(config))
     peak = metrics_lib.peak_flops_per_device()
-    eval_step = None
+    evaluator = None
     total = config.train.steps
     _log(f"{config.name}: steps {start}->{total}, mesh {dict(mesh.shape)}, batch "
          f"{config.data.global_batch_size} x {config.data.seq_len}, {config.train.micro_batches} micro-batch(es), "
@@ -130,7 +130,8 @@ def train(config: Config, resume: bool = True) -> TrainResult:
     losses: list[float] = []
     stopped = False
     step = start
-    window_start, window_tokens = time.perf_counter(), 0.0
+    window = metrics_lib.WindowMean()  # the logged metrics are means over the log window
+    window_start = time.perf_counter()
     try:
         with _SigtermFlag() as sigterm, use_mesh(mesh):
             while step < total:
@@ -143,31 +144,30 @@ def train(config: Config, resume: bool = True) -> TrainResult:
                                              "check the data, or resume from an earlier checkpoint.")
                 losses.append(loss)
                 step += 1
-                window_tokens += float(step_metrics["tokens"])
+                window.add(step_metrics)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.3f}")
                 if step % config.train.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - window_start
-                    m = metrics_lib.to_python(step_metrics)
-                    m["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
-                    m["steps_per_second"] = config.train.log_every / max(elapsed, 1e-9)
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    m = window.result()
+                    m["tokens_per_second"] = m["tokens"] * m["window_steps"] / elapsed
+                    m["steps_per_second"] = m["window_steps"] / elapsed
                     m["mfu"] = (m["tokens_per_second"] * flops_token / (peak * jax.device_count())
                                 if peak else None)
                     writer.write(step, m)
                     if progress is None:
                         _log(metrics_lib.format_line(step, m))
-                    window_start, window_tokens = time.perf_counter(), 0.0
+                    window_start = time.perf_counter()
                 if config.train.eval_every and (step % config.train.eval_every == 0 or step == total):
-                    if eval_step is None:
-                        eval_iter, domains = batch_sources.eval_batches(config)
-                        eval_step = jax.jit(make_eval_step(trainer.model, len(domains)))
-                    else:
-                        eval_iter, domains = batch_sources.eval_batches(config)
-                    result = evaluate(eval_step, state.params, eval_iter, domains, to_device)
+                    if evaluator is None:
+                        evaluator = Evaluator(config, trainer.model, to_device)
+                    result, summary = evaluator(state.params)
                     writer.write(step, result, prefix="eval")
-                    _log(f"eval step {step}: loss {result['loss']:.4f}  " + "  ".join(
-                        f"{k.split('/', 1)[1]} {v:.3f}" for k, v in result.items() if k.startswith("loss/")))
+                    if summary is not None:
+                        write_routing_summary(run_dir, step, summary)
+                    _log(format_eval(step, result))
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
                 if checkpointer.should_save(step):
                     checkpointer.save(step, state, source.get_state(), config, config.train.seed)
                 if sigterm.raised:
@@ -187,29 +187,23 @@ def train(config: Config, resume: bool = True) -> TrainResult:
     return TrainResult(final_step=step, losses=losses, stopped_by_signal=stopped, run_dir=run_dir)
 
 
-def plot_loss_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Plots train (and eval) loss from run_dir/metrics.jsonl into a PNG."""
+def write_routing_summary(run_dir: Path, step: int, summary: dict) -> None:
+    """The latest evaluation's specialisation summary: run_dir/analysis/analysis.json."""
+    if jax.process_index() != 0:
+        return
     import json
+    out = run_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "analysis.json.tmp"
+    tmp.write_text(json.dumps({"step": step, **summary}))
+    tmp.replace(out / "analysis.json")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_rows = [r for r in rows if r.get("split") == "train"]
-    eval_rows = [r for r in rows if r.get("split") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["cross_entropy"] for r in train_rows], label="train CE")
-    if eval_rows:
-        ax.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-", label="validation CE")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(out) if out else run_dir / "loss_curve.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+def format_eval(step: int, result: dict) -> str:
+    line = f"eval step {step}: loss {result['loss']:.4f}  " + "  ".join(
+        f"{k.split('/', 1)[1]} {v:.3f}" for k, v in result.items() if k.startswith("loss/"))
+    if "specialisation/centered_cosine" in result:
+        line += ("\n  centred domain cosine per layer " + ", ".join(
+            f"{v:.3f}" for v in result["specialisation/centered_cosine"]) + "; experts for 90% of a document's "
+                 "routing " + ", ".join(f"{v:.1f}" for v in result["specialisation/experts_for_90pct_mass"]))
+    return line

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from emo_jax.config import Config
@@ -56,6 +57,34 @@ def to_python(metrics: dict) -> dict[str, Any]:
         arr = np.asarray(value)
         out[key] = float(arr) if arr.ndim == 0 else [float(v) for v in arr.reshape(-1)]
     return out
+
+
+class WindowMean:
+    """Mean of every step metric over a log window, summed on the device (no host sync
+    per step). The learning rate is reported as the window's last value."""
+
+    LAST_VALUE = ("learning_rate",)
+
+    def __init__(self):
+        self._sums: dict | None = None
+        self._last: dict = {}
+        self.steps = 0
+
+    def add(self, metrics: dict) -> None:
+        mean_keys = {k: v for k, v in metrics.items() if k not in self.LAST_VALUE}
+        self._last = {k: v for k, v in metrics.items() if k in self.LAST_VALUE}
+        self._sums = mean_keys if self._sums is None else jax.tree.map(jnp.add, self._sums, mean_keys)
+        self.steps += 1
+
+    def result(self) -> dict[str, Any]:
+        """Python floats / per-layer lists of the means; resets the window."""
+        if not self.steps:
+            raise ValueError("no step in the log window")
+        out = to_python(jax.tree.map(lambda s: s / self.steps, self._sums))
+        out.update(to_python(self._last))
+        out["window_steps"] = self.steps
+        self._sums, self._last, self.steps = None, {}, 0
+        return out
 
 
 class MetricsWriter:
