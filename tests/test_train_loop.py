@@ -177,7 +177,8 @@ def test_nan_loss_stops_the_run_naming_the_step(data_dir, tmp_path, monkeypatch)
         return trainer._replace(step=step)
 
     monkeypatch.setattr(loop, "make_sharded_trainer", poisoned)
-    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 3"):
+    # The 4th step: step 4 in the logs and checkpoint names (it said "step 3", 0-based).
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 4; .*optimizer\.peak_lr="):
         loop.train(_config(data_dir, tmp_path / "nan", "train.steps=6"))
 
 
