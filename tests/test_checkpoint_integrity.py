@@ -241,3 +241,15 @@ def test_overrides_may_follow_options():
     assert args.no_resume and args.overrides == ["a.b=1", "c.d=2", "a.b=3"]
     with pytest.raises(SystemExit):
         cli.parse_args(cli.build_parser(), ["train", "--config", "x.yaml", "--no-such-flag"])
+
+
+def test_model_loaders_refuse_a_corrupt_training_step(six_steps, tmp_path):
+    """`emo-jax generate/convert RUN_DIR` read the latest step directly: verified too."""
+    from emo_jax.interop import model_io
+    from emo_jax.interop.hf_common import InteropError
+    run_dir = _copy(six_steps, tmp_path)
+    _flip_bytes(run_dir / "checkpoints" / "6")
+    with pytest.raises(InteropError, match=r"checkpoints/6 is corrupt \(state/.* does not match the checksum"):
+        model_io.load_model(run_dir)
+    config, params = model_io.load_model(run_dir / "checkpoints" / "4")
+    assert config.model.d_model == 32 and params
