@@ -51,7 +51,7 @@ def router_probs(logits: Array) -> Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def eos_segment_ids(tokens: Array, eos_id: int, valid: Array | None = None) -> Array:
+def segments_starting_at_eos(tokens: Array, eos_id: int, valid: Array | None = None) -> Array:
     """Router segments as the official EMO code derives them: a new segment starts *at*
     every EOS (segment = cumsum(is_eos)), renumbered to start at 1 in every row.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -43,12 +44,15 @@ def test_released_emo_config_matches_spec():
     assert (m.n_experts, m.n_shared_experts, m.top_k, m.expert_hidden) == (128, 1, 8, 1024)
     assert (m.vocab_size, m.rope_theta, m.norm_eps, m.qk_norm, m.tie_embeddings) == (100352, 500000.0, 1e-6, False, False)
     assert (r.pool, r.pool_min, r.pool_max) == ("random", 8, 128)
+    # The official convention: router segments from EOS, a new one starting at each EOS.
+    assert (r.segments, r.eos_id) == ("eos", 100257)
     assert (cfg.loss.lb_weight, cfg.loss.router_z_weight, cfg.loss.output_z_weight) == (0.1, 0.001, 1e-5)
     o = cfg.optimizer
     assert (o.peak_lr, o.warmup_steps, o.final_lr_ratio, o.b1, o.b2, o.weight_decay, o.grad_clip) == \
         (4e-3, 2000, 0.1, 0.9, 0.95, 0.1, 1.0)
     std = load_config(ROOT / "configs" / "stdmoe_1b14b.yaml")
     assert std.routing.pool == "none" and std.model == m  # identical model, no pool
+    assert dataclasses.replace(std.routing, pool="random") == r and std.loss == cfg.loss
 
 
 def test_dotted_overrides():

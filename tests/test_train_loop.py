@@ -215,3 +215,15 @@ def test_config_mismatch_gives_one_line_error(data_dir, tmp_path, capsys):
     assert cli.main(base + ["model.expert_hidden=48", "--no-resume"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--no-resume" in err and "run_dir" in err, err
+
+
+def test_eos_segments_must_use_the_tokenizers_eos(data_dir, tmp_path):
+    """routing.segments=eos with another tokenizer's EOS id (e.g. the released configs'
+    100257 on the bundled corpus) would make every row one router document."""
+    from emo_jax.config import ConfigError
+    from emo_jax.data.tokenizer import load_tokenizer
+    from emo_jax.train import batches
+    eos = load_tokenizer(data_dir / "text_files" / "loop" / "1.0.0").eos_id
+    batches.check_vocabulary(_config(data_dir, tmp_path, "routing.segments=eos", f"routing.eos_id={eos}"))
+    with pytest.raises(ConfigError, match=f"routing.eos_id={eos + 1}.*set routing.eos_id={eos}"):
+        batches.check_vocabulary(_config(data_dir, tmp_path, "routing.segments=eos", f"routing.eos_id={eos + 1}"))

@@ -138,7 +138,7 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dic
   return {k: np.concatenate([batch[k], pad[k]]) for k in ROW_KEYS}
 
 
-def eos_segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+def segments_ending_at_eos(inputs: np.ndarray, eos_id: int) -> np.ndarray:
   """Segment ids where each EOS ends its document (attention convention): int32[..., S], from 1."""
   is_eos = (inputs == eos_id).astype(np.int32)
   return 1 + np.cumsum(is_eos, axis=-1, dtype=np.int32) - is_eos
