@@ -44,7 +44,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block"] = "none"
-    # Experts each layer actually holds, shared included (a pruned model; SPEC section 6):
+    # Experts each layer actually holds, shared included (a pruned model;
+    # docs/algorithm.md#selective-expert-use-and-pruning):
     # None = n_experts in every layer. Shared experts are always kept, so layer l has
     # layer_experts[l] - n_shared_experts routed experts; each entry lies in
     # [top_k, n_experts] (tokens still take top-k_r among the kept routed experts).
@@ -87,7 +88,8 @@ class RoutingConfig:
     eval_pool: Literal["none", "fixed"] = "none"
     eval_pool_size: int = 4
     # Router segments: "explicit" uses the batch's segment_ids; "eos" starts a new
-    # segment at every EOS token as the official EMO code does (SPEC section 2).
+    # segment at every EOS token as the official EMO code does
+    # (docs/algorithm.md#router-documents-in-packed-rows).
     segments: Literal["explicit", "eos"] = "explicit"
     eos_id: int = 0
 
@@ -118,7 +120,7 @@ class KernelConfig:
     # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
     # on CPU, correctness only). "auto" = blocked on CPU, reference elsewhere: pallas is
-    # opt-in until measured on an accelerator (notes_kernels.md).
+    # opt-in until measured on an accelerator (docs/kernels.md#pallas-backend).
     moe_backend: Literal["auto", "reference", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.

@@ -1,4 +1,4 @@
-"""Document-pooled routing (EMO; SPEC sections 1-3) as pure functions of arrays.
+"""Document-pooled routing (EMO) as pure functions of arrays: docs/algorithm.md#one-moe-layer.
 
 No Flax, no mesh, no globals: any JAX codebase can call these. Shape letters:
 B batch rows, S sequence, N routed experts (n_r), K routed experts per token (k_r),

@@ -248,7 +248,7 @@ def test_scientific_notation_is_accepted_in_a_yaml_file(tmp_path):
 
 
 def expected_counts(cfg):
-    """Independent parameter count from the architecture (SPEC section 5)."""
+    """Independent parameter count from the architecture (docs/algorithm.md#architecture-of-the-released-models)."""
     m = cfg.model
     d, hd = m.d_model, m.n_heads * m.head_dim
     attn = 4 * d * hd + (2 * hd if m.qk_norm else 0)

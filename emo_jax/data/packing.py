@@ -1,7 +1,7 @@
 """Packing documents into fixed-length rows: pure numpy, no grain, no JAX.
 
 A document's tokens are followed by EOS; the EOS *ends* the document inside the
-document's own segment (SPEC section 2). Documents are concatenated and cut into rows
+document's own segment (docs/algorithm.md#router-documents-in-packed-rows). Documents are concatenated and cut into rows
 of `seq_len` tokens without padding (only the very last row of a finite stream is
 padded). A document cut by a row boundary gives one segment per piece; its targets
 stay correct across the cut because they are computed before cutting.

@@ -1,4 +1,4 @@
-"""How specialised the experts are (SPEC section 7), from one document per row.
+"""How specialised the experts are (docs/algorithm.md#measuring-specialisation), one document per row.
 
 For every document (its first seq_len tokens) and layer: the mean routing vector
 (mean router softmax over its tokens), the routed experts its tokens use (union of
