@@ -73,6 +73,24 @@ def test_every_checkpoint_has_an_integrity_manifest(six_steps):
     assert not list((six_steps / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
 
 
+def test_empty_ocdbt_manifest_is_caught_before_orbax_reads_it(six_steps, tmp_path):
+    run_dir = _copy(six_steps, tmp_path)
+    (run_dir / "checkpoints" / "6" / "state" / "manifest.ocdbt").write_bytes(b"")
+    problem = ckpt.integrity_problem(run_dir / "checkpoints" / "6")
+    assert problem is not None and problem.startswith("state/manifest.ocdbt has 0 bytes"), problem
+    assert ckpt.integrity_problem(run_dir / "checkpoints" / "4") is None
+
+
+def test_a_checkpointer_that_only_reads_works_on_a_read_only_directory(six_steps, tmp_path, monkeypatch):
+    """Loading a model (select, eval, analyze) must not need write access."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("probed for writing")
+    monkeypatch.setattr(ckpt, "prepare_directory", refuse)
+    checkpointer = ckpt.Checkpointer(six_steps / "checkpoints", every=0, keep=10, read_only=True)
+    assert checkpointer.latest_step() == 6
+    checkpointer.close()
+
+
 def test_flipped_bytes_fall_back_to_the_previous_good_checkpoint(six_steps, tmp_path, capsys):
     """Before: 'resumed from .../6' with inf/NaN weights, and a misleading NaN-loss stop later."""
     run_dir = _copy(six_steps, tmp_path)

@@ -192,17 +192,18 @@ def prepare_directory(directory: Path, what: str) -> None:
 class Checkpointer:
     """Saves asynchronously every `every` steps, keeping the last `keep`."""
 
-    def __init__(self, directory: str | Path, every: int, keep: int):
+    def __init__(self, directory: str | Path, every: int, keep: int, read_only: bool = False):
+        """read_only: only restore (no write probe, so a read-only directory works)."""
         self.directory = Path(directory).absolute()
         self.every = every
         self._saving: int | None = None
         self._closed = False
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not read_only:
             prepare_directory(self.directory, "checkpoints")
         self._held = _HeldOrbaxErrors()
         logging.getLogger("absl").addFilter(self._held)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
             async_options=ocp.options.AsyncOptions(post_finalization_callback=self._after_finalize))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
