@@ -129,7 +129,7 @@ def _filter_event_loop_noise() -> None:
     operations it had started and calls back into orbax's closed asyncio loop: every
     callback raises 'Event loop is closed' into sys.unraisablehook, and asyncio logs
     '(_Gathering)Future exception was never retrieved' (dozens of tracebacks after the real, one-line
-    error). Those, and only those, are dropped from then on."""
+    error). Those, and only those, are dropped; installed when a Checkpointer is made."""
     global _event_loop_noise_filtered
     if _event_loop_noise_filtered:
         return
@@ -202,6 +202,7 @@ class Checkpointer:
             prepare_directory(self.directory, "checkpoints")
         self._held = _HeldOrbaxErrors()
         logging.getLogger("absl").addFilter(self._held)
+        _filter_event_loop_noise()  # a failing async save makes that noise in orbax's thread, before we know
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, enable_async_checkpointing=True,
             async_options=ocp.options.AsyncOptions(post_finalization_callback=self._after_finalize))
@@ -278,7 +279,6 @@ class Checkpointer:
         if unverified:
             _warn(f"warning: checkpoint {step_dir} has no {INTEGRITY_FILE} (written by an older emo_jax): "
                   "restoring it unverified")
-        _filter_event_loop_noise()  # before orbax reads: its noise follows a failed read at once
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # orbax raises many types for unreadable files
@@ -343,15 +343,16 @@ class _WriteErrors:
         return self
 
     def __exit__(self, exc_type, err, tb):
-        if err is None or isinstance(err, (CheckpointError, KeyboardInterrupt)) or not isinstance(err, Exception):
+        # OSError: the file system; ValueError/RuntimeError: what orbax and tensorstore raise for
+        # it (e.g. "RESOURCE_EXHAUSTED: ... No space left on device"). Anything else is a bug.
+        if err is None or isinstance(err, CheckpointError) or not isinstance(err, (OSError, ValueError, RuntimeError)):
             return False
         self.checkpointer._remove_temporary()
         self.checkpointer._held.held.clear()  # reported below, once
-        _filter_event_loop_noise()
         what = f"checkpoint step {self.step}" if self.step is not None else "a checkpoint"
         raise CheckpointError(f"cannot write {what} to {self.checkpointer.directory}: {_describe_os_error(err)}; "
-                              "free space or choose another train.run_dir (the previous checkpoints are "
-                              "intact).") from None
+                              "free space or choose another train.run_dir (earlier checkpoints, if any, "
+                              "are intact).") from None
 
 
 def nonfinite_loss_message(loss: float, step: int, last_checkpoint: int | None, config: Config) -> str:
