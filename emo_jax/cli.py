@@ -51,15 +51,10 @@ def _smoke(args) -> int:
 
 
 def _train(args) -> int:
-    from emo_jax.train.checkpoint import CheckpointError
-    from emo_jax.train.loop import NonFiniteLossError, train
+    from emo_jax.train.loop import train
     from emo_jax.train.plots import plot_loss_curve
     config = load_config(args.config, args.overrides)
-    try:
-        result = train(config, resume=not args.no_resume)
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as err:
-        print(f"emo-jax train: {err}", file=sys.stderr)
-        return 1
+    result = train(config, resume=not args.no_resume)  # its errors: _user_errors() below
     if result.losses and (result.run_dir / "metrics.jsonl").exists():
         png = plot_loss_curve(result.run_dir)
         print(f"loss curve: {png}")
@@ -218,27 +213,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may also follow options
+    (`train --config X a=1 --no-resume b=2`): argparse stops filling a positional list at
+    the first option and would reject `b=2` as unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in a or a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]  # order kept: later overrides still win
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"emo-jax: config error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:
+    except Exception as err:
         if not isinstance(err, _user_errors()):
             raise
-        print(f"emo-jax {args.command}: {err}", file=sys.stderr)
+        print(f"emo-jax {args.command}: {one_line(err)}", file=sys.stderr)
         return 1
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a user-facing error on one line (OSError: '[Errno 28] No space ...: path')."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def _user_errors() -> tuple[type, ...]:
-    """Errors whose message already names the problem and the fix: printed as one line."""
+    """Errors whose message already names the problem and the fix: printed as one line.
+
+    OSError (a missing file, a read-only or full disk) is the environment's, not a bug:
+    its message names the path and the cause, so it is printed the same way."""
     from emo_jax.generate import GenerationError
     from emo_jax.inputs import InputError
     from emo_jax.interop.hf_common import InteropError
     from emo_jax.interop.safetensors_io import SafetensorsError
-    return (GenerationError, InputError, InteropError, SafetensorsError)
+    from emo_jax.train.checkpoint import CheckpointError
+    from emo_jax.train.loop import NonFiniteLossError
+    return (GenerationError, InputError, InteropError, SafetensorsError, CheckpointError, NonFiniteLossError,
+            OSError)
 
 
 if __name__ == "__main__":

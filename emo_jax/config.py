@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,7 +44,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # activation / matmul dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block"] = "none"
-    # Experts each layer actually holds, shared included (a pruned model; SPEC section 6):
+    # Experts each layer actually holds, shared included (a pruned model;
+    # docs/algorithm.md#selective-expert-use-and-pruning):
     # None = n_experts in every layer. Shared experts are always kept, so layer l has
     # layer_experts[l] - n_shared_experts routed experts; each entry lies in
     # [top_k, n_experts] (tokens still take top-k_r among the kept routed experts).
@@ -86,7 +88,8 @@ class RoutingConfig:
     eval_pool: Literal["none", "fixed"] = "none"
     eval_pool_size: int = 4
     # Router segments: "explicit" uses the batch's segment_ids; "eos" starts a new
-    # segment at every EOS token as the official EMO code does (SPEC section 2).
+    # segment at every EOS token as the official EMO code does
+    # (docs/algorithm.md#router-documents-in-packed-rows).
     segments: Literal["explicit", "eos"] = "explicit"
     eos_id: int = 0
 
@@ -117,7 +120,7 @@ class KernelConfig:
     # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
     # on CPU, correctness only). "auto" = blocked on CPU, reference elsewhere: pallas is
-    # opt-in until measured on an accelerator (notes_kernels.md).
+    # opt-in until measured on an accelerator (docs/kernels.md#pallas-backend).
     moe_backend: Literal["auto", "reference", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.
@@ -212,6 +215,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be an integer.")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            value = _float_from_string(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number.")
         return float(value)
@@ -234,6 +239,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be a list (e.g. [8, 8]) or null.")
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     raise ConfigError(f"{key}: unsupported field type {annotation!r}.")
+
+
+def _float_from_string(text: str, key: str) -> float:
+    """`3e-4` is a string in YAML 1.1 (it wants `3.0e-4`); float fields accept it anyway.
+
+    Only a string that Python reads as a finite float is accepted ('nan', 'inf' and words
+    are not), and only for float-typed fields: a string field keeps its string."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} must be a number (e.g. 0.001 or 1e-3).") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}={text!r} must be a finite number.")
+    return number
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -337,8 +356,71 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The range of every numeric field: (low, high, low_inclusive, high_inclusive, what it is).
+# None = unbounded. Checked before the cross-field constraints, with the key in the message.
+_POS, _NONNEG = (0, None, False, False), (0, None, True, False)
+_RANGES: dict[str, tuple] = {
+    **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
+                                    "rope_theta", "norm_eps", "n_experts", "top_k", "expert_hidden", "init_std")},
+    "model.n_shared_experts": _NONNEG,
+    **{f"routing.{k}": (1, None, True, False) for k in ("pool_size", "pool_min", "pool_max", "eval_pool_size")},
+    "routing.eos_id": _NONNEG,
+    **{f"loss.{k}": _NONNEG for k in ("lb_weight", "router_z_weight", "output_z_weight")},
+    "optimizer.peak_lr": _POS,
+    "optimizer.warmup_steps": _NONNEG,
+    "optimizer.final_lr_ratio": (0, 1, True, True),
+    "optimizer.b1": (0, 1, True, False),
+    "optimizer.b2": (0, 1, True, False),
+    "optimizer.eps": _POS,
+    "optimizer.weight_decay": _NONNEG,
+    "optimizer.grad_clip": _POS,
+    "data.seq_len": _POS,
+    "data.global_batch_size": _POS,
+    "data.num_workers": _NONNEG,
+    "data.shuffle_rows": _NONNEG,  # 0 = no row shuffle
+    "data.seed": _NONNEG,
+    "train.steps": (1, None, True, False),
+    "train.micro_batches": (1, None, True, False),
+    "train.seed": _NONNEG,
+    "train.log_every": (1, None, True, False),
+    "train.eval_every": _NONNEG,  # 0 = no evaluation
+    "train.eval_batches": (1, None, True, False),
+    "train.eval_routing_docs": _NONNEG,  # 0 = no specialisation measures during training
+    "train.checkpoint_every": _NONNEG,  # 0 = no checkpoints
+    "train.keep_checkpoints": (1, None, True, False),
+}
+
+
+def _range_text(low, high, low_inclusive, high_inclusive) -> str:
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def check_ranges(config: Config) -> None:
+    """Every numeric field inside its range, and every float finite (ConfigError naming the key)."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float):
+                _require(math.isfinite(value), f"{section.name}.{f.name}={value} must be a finite number.")
+    for key, (low, high, low_inclusive, high_inclusive) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name, None)
+        if value is None:
+            continue
+        ok = (value >= low if low_inclusive else value > low) if low is not None else True
+        if high is not None:
+            ok = ok and (value <= high if high_inclusive else value < high)
+        _require(ok, f"{key}={value} must be {_range_text(low, high, low_inclusive, high_inclusive)}.")
+
+
 def validate(config: Config) -> None:
-    """Checks cross-field constraints; raises ConfigError naming the key and the fix."""
+    """Checks ranges and cross-field constraints; raises ConfigError naming the key and the fix."""
+    check_ranges(config)
     m, r = config.model, config.routing
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
                 "n_experts", "top_k", "expert_hidden"):

@@ -7,7 +7,7 @@ with the cache (emo_jax.model.kv_cache).
 
 Routing during generation is HF-style inference: every token takes top-k_r over all
 routed experts of its layer (plus the shared ones), i.e. `routing.eval_pool` is forced
-to "none". A document pool (SPEC sections 1-3) averages router probabilities over the
+to "none". A document pool (docs/algorithm.md#one-moe-layer) averages router probabilities over the
 whole document, future tokens included, so it is not causal and cannot be grown one
 token at a time. The EMO way to restrict a generation to a subset of experts is to
 select the subset (e.g. on the prompt) and prune the model physically, then generate

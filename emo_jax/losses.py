@@ -1,4 +1,4 @@
-"""Training losses (SPEC section 4) as pure functions of arrays.
+"""Training losses (docs/algorithm.md#losses) as pure functions of arrays.
 
 Total: L = CE + w_lb * mean_layers(L_LB) + w_z * mean_layers(L_Z) + w_out * Z_out.
 The load-balance and router z-losses take *summed* routing statistics

@@ -1,4 +1,4 @@
-"""Document-pooled routing (EMO; SPEC sections 1-3) as pure functions of arrays.
+"""Document-pooled routing (EMO) as pure functions of arrays: docs/algorithm.md#one-moe-layer.
 
 No Flax, no mesh, no globals: any JAX codebase can call these. Shape letters:
 B batch rows, S sequence, N routed experts (n_r), K routed experts per token (k_r),
@@ -51,7 +51,7 @@ def router_probs(logits: Array) -> Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def eos_segment_ids(tokens: Array, eos_id: int, valid: Array | None = None) -> Array:
+def segments_starting_at_eos(tokens: Array, eos_id: int, valid: Array | None = None) -> Array:
     """Router segments as the official EMO code derives them: a new segment starts *at*
     every EOS (segment = cumsum(is_eos)), renumbered to start at 1 in every row.
 

@@ -1,9 +1,10 @@
 """Slow, loop-based NumPy reference for EMO document-pooled routing.
 
-Written from SPEC.md sections 1-4 only (not from emo_jax/routing.py); everything is
+Written from the algorithm's description only (docs/algorithm.md, "One MoE layer" to
+"Losses"; not from emo_jax/routing.py); everything is
 computed in float64 with explicit Python loops so that it is easy to audit.
 
-Conventions (SPEC section 2 and the routing API):
+Conventions (docs/algorithm.md#router-documents-in-packed-rows and the routing API):
   * segment ids: 0 = padding (never routed, never counted); documents are numbered
     from 1 within a row; row b's segment s is its own document even when the same
     text continues in the next row (each piece gets its own pool).
@@ -60,7 +61,7 @@ class ReferenceRouting:
 
 
 def route_reference(logits, segment_ids, top_k, pool_sizes=None):
-    """EMO routing of one layer, SPEC section 1 steps 2-7 plus the loss statistics.
+    """EMO routing of one layer, docs/algorithm.md#one-moe-layer steps 2-7 plus the loss statistics.
 
     logits: [B, S, N] (any float dtype; used as float64), segment_ids: int [B, S],
     pool_sizes: int [B, G] indexed by segment id, or None for the standard MoE
@@ -120,7 +121,7 @@ def gate_logit_gradient_reference(ref: ReferenceRouting, logits, gate_weights, p
                                   z_weight):
     """Analytic d/dz of  sum_{t,k} w[t,k] g[t,k] + sum_i v[i] prob_sums[i] + c * router_z_sum
     for the routing `ref` with the pool and the selection held fixed (the pool choice is
-    hard, SPEC 1.5): for an in-pool logit j of token t,
+    hard, step 5 of docs/algorithm.md#one-moe-layer): for an in-pool logit j of token t,
       d q_i / d z_j = q_i (delta_ij - q_j)   and   d lse_pool / d z_j = q_j,
     out-of-pool logits and padding tokens get exactly 0.
 
@@ -163,9 +164,10 @@ def add_shared_experts_reference(expert_ids, gates, n_routed, n_shared):
 
 
 def eos_segments_reference(tokens, eos_id, valid=None):
-    """Router segments split *at* EOS (SPEC 2): a new segment starts at each EOS token
-    (the EOS is the first token of the new segment), numbered from 1 in every row;
-    the first non-padding token of a row always opens segment 1. Padding -> 0."""
+    """Router segments split *at* EOS (docs/algorithm.md#router-documents-in-packed-rows): a
+    new segment starts at each EOS token (the EOS is the first token of the new segment),
+    numbered from 1 in every row; the first non-padding token of a row always opens
+    segment 1. Padding -> 0."""
     tokens = np.asarray(tokens)
     batch, seq = tokens.shape
     if valid is None:
@@ -185,7 +187,7 @@ def eos_segments_reference(tokens, eos_id, valid=None):
 
 
 def load_balance_loss_reference(expert_counts, prob_sums, token_count, n_routed, routed_top_k):
-    """L_LB = (n_r / k_r) * sum_i (c_i / T) * (prob_sums_i / T)  (SPEC 4)."""
+    """L_LB = (n_r / k_r) * sum_i (c_i / T) * (prob_sums_i / T)  (docs/algorithm.md#losses)."""
     total = 0.0
     for i in range(n_routed):
         total += (float(expert_counts[i]) / token_count) * (float(prob_sums[i]) / token_count)

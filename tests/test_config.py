@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -43,12 +44,15 @@ def test_released_emo_config_matches_spec():
     assert (m.n_experts, m.n_shared_experts, m.top_k, m.expert_hidden) == (128, 1, 8, 1024)
     assert (m.vocab_size, m.rope_theta, m.norm_eps, m.qk_norm, m.tie_embeddings) == (100352, 500000.0, 1e-6, False, False)
     assert (r.pool, r.pool_min, r.pool_max) == ("random", 8, 128)
+    # The official convention: router segments from EOS, a new one starting at each EOS.
+    assert (r.segments, r.eos_id) == ("eos", 100257)
     assert (cfg.loss.lb_weight, cfg.loss.router_z_weight, cfg.loss.output_z_weight) == (0.1, 0.001, 1e-5)
     o = cfg.optimizer
     assert (o.peak_lr, o.warmup_steps, o.final_lr_ratio, o.b1, o.b2, o.weight_decay, o.grad_clip) == \
         (4e-3, 2000, 0.1, 0.9, 0.95, 0.1, 1.0)
     std = load_config(ROOT / "configs" / "stdmoe_1b14b.yaml")
     assert std.routing.pool == "none" and std.model == m  # identical model, no pool
+    assert dataclasses.replace(std.routing, pool="random") == r and std.loss == cfg.loss
 
 
 def test_dotted_overrides():
@@ -176,23 +180,75 @@ def test_malformed_overrides():
         config_from_dict({"model": 3})
 
 
-def test_malformed_yaml_file(tmp_path):
+def test_malformed_yaml_file_is_a_one_line_error_naming_the_file(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("model:\n  d_model: [1,\n")
-    assert "broken.yaml" in err(path=p, one_line=False)
+    msg = err(path=p, one_line=True)
+    assert "broken.yaml" in msg and "line 3" in msg, msg
 
 
-def test_malformed_yaml_file_error_is_one_line(tmp_path):
-    p = tmp_path / "broken.yaml"
-    p.write_text("model:\n  d_model: [1,\n")
-    err(path=p, one_line=True)
+@pytest.mark.parametrize("override, expected", [
+    ("train.log_every=0", "train.log_every=0 must be >= 1"),  # was a ZeroDivisionError in the loop
+    ("train.eval_every=-1", "train.eval_every=-1 must be >= 0"),
+    ("train.checkpoint_every=-5", "train.checkpoint_every=-5 must be >= 0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be >= 1"),
+    ("train.steps=0", "train.steps=0 must be >= 1"),
+    ("train.eval_batches=0", "train.eval_batches=0 must be >= 1"),
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ("data.seed=-2", "data.seed=-2 must be >= 0"),
+    ("optimizer.peak_lr=0", "optimizer.peak_lr=0.0 must be > 0"),
+    ("optimizer.warmup_steps=-1", "optimizer.warmup_steps=-1 must be >= 0"),
+    ("optimizer.final_lr_ratio=1.5", "optimizer.final_lr_ratio=1.5 must be in [0, 1]"),
+    ("optimizer.b1=1", "optimizer.b1=1.0 must be in [0, 1)"),
+    ("optimizer.b2=-0.1", "optimizer.b2=-0.1 must be in [0, 1)"),
+    ("optimizer.eps=0", "optimizer.eps=0.0 must be > 0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+    ("optimizer.grad_clip=0", "optimizer.grad_clip=0.0 must be > 0"),
+    ("loss.lb_weight=-1", "loss.lb_weight=-1.0 must be >= 0"),
+    ("loss.router_z_weight=-1e-3", "loss.router_z_weight=-0.001 must be >= 0"),
+    ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+    ("model.norm_eps=0", "model.norm_eps=0.0 must be > 0"),
+    ("model.init_std=-0.02", "model.init_std=-0.02 must be > 0"),
+    ("routing.eos_id=-1", "routing.eos_id=-1 must be >= 0"),
+    ("optimizer.peak_lr=.nan", "optimizer.peak_lr=nan must be a finite number"),
+    ("loss.lb_weight=.inf", "loss.lb_weight=inf must be a finite number"),
+])
+def test_every_numeric_field_is_range_checked_naming_the_key(override, expected):
+    assert expected in err(override)
+
+
+def test_range_table_names_real_fields():
+    from emo_jax.config import _RANGES
+    cfg = tiny()
+    for key in _RANGES:
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name) or key == "data.shuffle_rows", key
+
+
+@pytest.mark.parametrize("text", ["3e-4", "3E-4", "3.e-4", "0.0003", "+3e-4"])
+def test_scientific_notation_is_accepted_on_the_command_line(text):
+    # YAML 1.1 reads `3e-4` (no dot) as a string; float fields accept it anyway.
+    cfg = tiny(f"optimizer.peak_lr={text}")
+    assert cfg.optimizer.peak_lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.peak_lr, float)
+
+
+def test_scientific_notation_is_accepted_in_a_yaml_file(tmp_path):
+    p = tmp_path / "sci.yaml"
+    p.write_text("optimizer:\n  peak_lr: 3e-4\n  eps: 1e-8\nloss:\n  output_z_weight: 1e-5\n"
+                 "model:\n  rope_theta: 5e5\nname: 1e-3\n")
+    cfg = load_config(p)
+    assert (cfg.optimizer.peak_lr, cfg.optimizer.eps, cfg.loss.output_z_weight, cfg.model.rope_theta) == \
+        (3e-4, 1e-8, 1e-5, 5e5)
+    assert cfg.name == "1e-3"  # a string field keeps its string
+    assert "model.d_model" in err("model.d_model=1e3")  # integer fields do not take floats
 
 
 # ------------------------------------------------------------------------ param counts
 
 
 def expected_counts(cfg):
-    """Independent parameter count from the architecture (SPEC section 5)."""
+    """Independent parameter count from the architecture (docs/algorithm.md#architecture-of-the-released-models)."""
     m = cfg.model
     d, hd = m.d_model, m.n_heads * m.head_dim
     attn = 4 * d * hd + (2 * hd if m.qk_norm else 0)

@@ -127,3 +127,35 @@ def test_empty_validation_split_is_left_out(tmp_path):
     pipeline.open_data_source(tmp_path / "dd", "text_files/one", "validation")
   with pytest.raises(ValueError, match="no document falls in the train split"):
     _build_files(tmp_path, [one], name="none", validation_fraction=1.0)
+
+
+def test_one_document_build_works_whatever_its_path_hashes_to(tmp_path):
+  """A one-document build used to fail for the ~5% of paths whose hash put the document
+  in validation ('no document falls in the train split')."""
+  from emo_jax.data import sources
+  names = (tmp_path / f"doc{i}.txt" for i in range(10_000))
+  unlucky = next(p for p in names if sources.split_of(str(p), 0.05) == "validation")
+  unlucky.write_text("the only document")
+  directory, messages = _build_files(tmp_path, [unlucky], name="unlucky", validation_fraction=0.05)
+  assert list(tfds.builder_from_directory(str(directory)).info.splits) == ["train"]
+  assert [r["text"].decode() for r in _records(directory, "train")] == ["the only document"]
+  assert any("goes to train" in m for m in messages), messages
+
+
+def test_split_assignment_moves_one_document_only_when_train_would_be_empty():
+  from emo_jax.data import sources
+  ids = [f"doc{i}" for i in range(200)]
+  splits, split_of = corpus_builder.nonempty_splits(ids, 0.3, lambda _: None)
+  assert splits == ["train", "validation"]
+  assert all(split_of(d) == sources.split_of(d, 0.3) for d in ids)  # the hash split, unchanged
+  validation_only = [d for d in ids if sources.split_of(d, 0.3) == "validation"][:3]
+  splits, split_of = corpus_builder.nonempty_splits(validation_only, 0.3, lambda _: None)
+  assert splits == ["train", "validation"] and sum(split_of(d) == "train" for d in validation_only) == 1
+
+
+def test_missing_dataset_error_names_the_train_setting(tmp_path):
+  """`emo-jax train` has no --data-dir; the message must name data.data_dir too."""
+  from emo_jax.data import pipeline
+  with pytest.raises(FileNotFoundError) as info:
+    pipeline.resolve_dataset_dir(tmp_path / "nowhere", "emo_corpus")
+  assert "data.data_dir=" in str(info.value) and "--data-dir" in str(info.value)

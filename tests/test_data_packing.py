@@ -93,12 +93,12 @@ def test_pad_batch_and_stack():
   assert (batch["segment_ids"][1:] == 0).all() and (batch["domain_ids"][1:] == -1).all()
 
 
-def test_eos_segment_ids_helper_matches_packer():
+def test_segments_ending_at_eos_matches_packer():
   docs = _docs([3, 0, 6, 2], seed=1)
   rows = packing.pack_stream(packing.documents_to_stream(docs, [0] * 4, EOS, PAD), seq_len=64, pad_id=PAD)
   seg = rows[0]["segment_ids"]
   n = int((seg > 0).sum())
-  np.testing.assert_array_equal(packing.eos_segment_ids(rows[0]["inputs"][:n], EOS), seg[:n])
+  np.testing.assert_array_equal(packing.segments_ending_at_eos(rows[0]["inputs"][:n], EOS), seg[:n])
 
 
 def test_token_id_beyond_vocabulary_is_named():

@@ -1,6 +1,6 @@
 """EMO-layout interop: export/import round trips (full and pruned), sharded import on the
 8-device mesh, clear errors, and logit parity with an independent PyTorch reference of
-SPEC (that part needs torch + safetensors: the `interop` extra)."""
+the EMO decoder (that part needs torch + safetensors: the `interop` extra)."""
 
 from __future__ import annotations
 

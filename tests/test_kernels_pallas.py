@@ -418,7 +418,7 @@ def test_expert_parallel_with_tpu_kernels_data_and_expert_axes():
 def test_expert_parallel_with_compiled_kernels():
     """The compiled kernels of the device inside shard_map. (The generic Pallas interpreter
     that runs the Triton kernels on CPU fails under shard_map(check_vma=True) on jax 0.10:
-    'dynamic_slice requires varying manual axes to match'; see notes_kernels.md.)"""
+    'dynamic_slice requires varying manual axes to match'; BUILD_NOTES.md, Pallas quirk 2.)"""
     if jax.default_backend() not in ("gpu", "tpu"):
         pytest.skip("needs a GPU or TPU")
     n = min(jax.device_count(), 2)

@@ -337,7 +337,7 @@ def _random_tokens(rng, batch, seq, eos_rate=0.2):
     return tokens.astype(np.int32)
 
 
-def test_eos_segment_ids_examples():
+def test_segments_starting_at_eos_examples():
     tokens = np.array([
         [3, 4, EOS, 5, 1, EOS, 2, 2],      # segment starts AT each EOS
         [EOS, 1, 2, EOS, EOS, 3, 4, 5],    # EOS at t=0 opens segment 1; back-to-back EOS
@@ -349,19 +349,19 @@ def test_eos_segment_ids_examples():
         [1, 1, 1, 1, 1, 1, 1, 1],
     ])
     np.testing.assert_array_equal(ref.eos_segments_reference(tokens, EOS), want)
-    np.testing.assert_array_equal(np.asarray(routing.eos_segment_ids(jnp.asarray(tokens), EOS)), want)
+    np.testing.assert_array_equal(np.asarray(routing.segments_starting_at_eos(jnp.asarray(tokens), EOS)), want)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_eos_segment_ids_match_reference_with_right_padding(seed):
+def test_segments_starting_at_eos_match_reference_with_right_padding(seed):
     rng = np.random.default_rng(seed)
     tokens = _random_tokens(rng, 4, 20)
     lengths = np.array([20, 13, 1, 0])
     valid = np.arange(20)[None, :] < lengths[:, None]
     tokens[~valid] = rng.choice([0, EOS], size=int((~valid).sum()))  # padding may hold EOS
-    got = jax.jit(routing.eos_segment_ids, static_argnums=1)(jnp.asarray(tokens), EOS, jnp.asarray(valid))
+    got = jax.jit(routing.segments_starting_at_eos, static_argnums=1)(jnp.asarray(tokens), EOS, jnp.asarray(valid))
     np.testing.assert_array_equal(np.asarray(got), ref.eos_segments_reference(tokens, EOS, valid))
-    got_unmasked = routing.eos_segment_ids(jnp.asarray(tokens), EOS)
+    got_unmasked = routing.segments_starting_at_eos(jnp.asarray(tokens), EOS)
     np.testing.assert_array_equal(np.asarray(got_unmasked), ref.eos_segments_reference(tokens, EOS))
 
 
@@ -369,19 +369,19 @@ def test_eos_segments_feed_route():
     rng = np.random.default_rng(4)
     tokens = _random_tokens(rng, B, S)
     valid = np.arange(S)[None, :] < np.array([S, S - 4, S, 5])[:, None]
-    segs = np.asarray(routing.eos_segment_ids(jnp.asarray(tokens), EOS, jnp.asarray(valid)))
+    segs = np.asarray(routing.segments_starting_at_eos(jnp.asarray(tokens), EOS, jnp.asarray(valid)))
     logits = make_logits(rng, (B, S, N))
     sizes = make_pool_sizes(rng, "mixed")
     out = route_jit(jnp.asarray(logits), jnp.asarray(segs), top_k=K, pool_sizes=jnp.asarray(sizes))
     assert_matches_reference(out, ref.route_reference(logits, segs, K, sizes), segs, K)
 
 
-def test_eos_segment_ids_left_padding_numbered_from_one():
+def test_segments_starting_at_eos_left_padding_numbered_from_one():
     tokens = np.array([[EOS, EOS, 1, 2, EOS, 3], [0, 0, EOS, 2, EOS, 3]], np.int32)
     valid = np.array([[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
     want = ref.eos_segments_reference(tokens, EOS, valid)
     np.testing.assert_array_equal(want, [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2]])
-    got = routing.eos_segment_ids(jnp.asarray(tokens), EOS, jnp.asarray(valid))
+    got = routing.segments_starting_at_eos(jnp.asarray(tokens), EOS, jnp.asarray(valid))
     np.testing.assert_array_equal(np.asarray(got), want)
 
 

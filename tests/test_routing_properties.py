@@ -1,4 +1,4 @@
-"""Hypothesis property tests of emo_jax.routing (SPEC sections 1-4).
+"""Hypothesis property tests of emo_jax.routing (docs/algorithm.md, "One MoE layer" to "Losses").
 
 Shapes come from a short fixed list so that jit compilations are reused across
 examples; the data (segments, logits, pool sizes, keys) are drawn by hypothesis.

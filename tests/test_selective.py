@@ -1,4 +1,4 @@
-"""Selective expert use (SPEC sections 6-7): pruning is exact, selection is greedy and
+"""Selective expert use (docs/algorithm.md#selective-expert-use-and-pruning): pruning is exact, selection is greedy and
 deterministic, bad K is refused, pruned checkpoints load / evaluate / fine-tune, the
 CLI commands run on a small built dataset and fail with one-line errors.
 

@@ -147,7 +147,22 @@ def test_metrics_log_has_every_field_and_eval_per_domain(runs):
                 "tokens_per_second", "steps_per_second", "mfu", "load_entropy", "load_max_over_mean",
                 "mean_pool_size"):
         assert key in train_row, key
+    # Values, not only keys (mfu=None passed before whatever the device).
+    from emo_jax.train import metrics as metrics_lib
+    for key in ("loss", "cross_entropy", "load_balance", "router_z", "grad_norm", "learning_rate",
+                "tokens_per_second", "steps_per_second", "mean_pool_size"):
+        assert isinstance(train_row[key], float) and math.isfinite(train_row[key]), (key, train_row[key])
+    assert train_row["tokens_per_second"] > 0 and train_row["steps_per_second"] > 0
+    assert train_row["cross_entropy"] < train_row["loss"]
+    assert len(train_row["load_max_over_mean"]) == 2 and min(train_row["load_max_over_mean"]) >= 1.0
+    assert 4 <= train_row["mean_pool_size"] <= 8  # tiny.yaml: pool sizes drawn from [4, 8]
+    peak = metrics_lib.peak_flops_per_device()
+    if peak is None:  # CPU: no peak FLOP/s entry, MFU not reported
+        assert train_row["mfu"] is None
+    else:
+        assert 0 < train_row["mfu"] < 1
     assert len(train_row["load_entropy"]) == 2  # per layer
+    assert all(0 <= h <= math.log(7) + 1e-6 for h in train_row["load_entropy"])  # over n_r = 7 experts
     eval_rows = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in eval_rows] == [12, 24]
     assert {"loss/red", "loss/green", "loss/blue"} <= set(eval_rows[0])
@@ -183,7 +198,8 @@ def test_nan_loss_stops_the_run_naming_the_step(data_dir, tmp_path, monkeypatch)
         return trainer._replace(step=step)
 
     monkeypatch.setattr(loop, "make_sharded_trainer", poisoned)
-    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 3"):
+    # The 4th step: step 4 in the logs and checkpoint names (it said "step 3", 0-based).
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 4; .*optimizer\.peak_lr="):
         loop.train(_config(data_dir, tmp_path / "nan", "train.steps=6"))
 
 
@@ -220,3 +236,15 @@ def test_config_mismatch_gives_one_line_error(data_dir, tmp_path, capsys):
     assert cli.main(base + ["model.expert_hidden=48", "--no-resume"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--no-resume" in err and "run_dir" in err, err
+
+
+def test_eos_segments_must_use_the_tokenizers_eos(data_dir, tmp_path):
+    """routing.segments=eos with another tokenizer's EOS id (e.g. the released configs'
+    100257 on the bundled corpus) would make every row one router document."""
+    from emo_jax.config import ConfigError
+    from emo_jax.data.tokenizer import load_tokenizer
+    from emo_jax.train import batches
+    eos = load_tokenizer(data_dir / "text_files" / "loop" / "1.0.0").eos_id
+    batches.check_vocabulary(_config(data_dir, tmp_path, "routing.segments=eos", f"routing.eos_id={eos}"))
+    with pytest.raises(ConfigError, match=f"routing.eos_id={eos + 1}.*set routing.eos_id={eos}"):
+        batches.check_vocabulary(_config(data_dir, tmp_path, "routing.segments=eos", f"routing.eos_id={eos + 1}"))

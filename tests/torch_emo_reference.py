@@ -1,6 +1,7 @@
-"""An independent PyTorch reference of the EMO decoder (SPEC sections 1 and 5), for tests.
+"""An independent PyTorch reference of the EMO decoder, for tests
+(docs/algorithm.md#one-moe-layer, #architecture-of-the-released-models).
 
-Written from the SPEC, not from emo_jax: it reads a state dict with the EMO Hugging
+Written from that description, not from emo_jax: it reads a state dict with the EMO Hugging
 Face names and runs HF-style inference (no document pool: top-k_r over the routed
 experts, gates not renormalised, shared experts with weight 1). Experts are computed
 densely (every expert on every token, weighted by a mostly-zero gate matrix), the

@@ -43,16 +43,30 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return epath.Path(__file__)
 
 
-def nonempty_splits(doc_ids: list[str], validation_fraction: float, log: Callable[[str], None]) -> list[str]:
-  """The splits that get documents; TFDS cannot write an empty split, so it is left out."""
+def nonempty_splits(doc_ids: list[str], validation_fraction: float,
+                    log: Callable[[str], None]) -> tuple[list[str], Callable[[str], str]]:
+  """The splits that get documents (TFDS cannot write an empty split, so it is left out)
+  and the split of each document id.
+
+  Documents go to validation by a hash of their id. When that leaves train empty and
+  validation_fraction < 1 (a one-document build has a `validation_fraction` chance of
+  it), the document with the largest hash goes to train instead: whether a small build
+  works must not depend on its file names.
+  """
+  splits = {doc_id: sources.split_of(doc_id, validation_fraction) for doc_id in doc_ids}
+  if doc_ids and validation_fraction < 1 and "train" not in splits.values():
+    moved = max(doc_ids, key=lambda d: sources.stable_hash("split:" + d) % 1_000_000)
+    splits[moved] = "train"
+    log(f"every document hashed into validation ({len(doc_ids)} documents, fraction {validation_fraction}): "
+        f"{moved} goes to train")
   counts = {"train": 0, "validation": 0}
-  for doc_id in doc_ids:
-    counts[sources.split_of(doc_id, validation_fraction)] += 1
+  for split in splits.values():
+    counts[split] += 1
   if not counts["train"]:
     raise ValueError(f"no document falls in the train split ({len(doc_ids)} documents): add documents or lower validation_fraction")
   if not counts["validation"]:
     log(f"no document falls in the validation split ({len(doc_ids)} documents, fraction {validation_fraction}): building train only")
-  return [split for split, n in counts.items() if n]
+  return [split for split, n in counts.items() if n], splits.__getitem__
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -99,12 +113,12 @@ class EmoCorpus(_LocalBuilder):
     self.info.metadata["domains"] = list(corpus)
     self.info.metadata["sources"] = {d: {"origin": by_domain[d].origin, "license": by_domain[d].license} for d in corpus}
     docs = [doc for domain_docs in corpus.values() for doc in domain_docs]
-    splits = nonempty_splits([d.doc_id for d in docs], cfg.validation_fraction, self.log)
-    return {split: self._generate_examples(docs, split, cfg.validation_fraction) for split in splits}
+    splits, split_of = nonempty_splits([d.doc_id for d in docs], cfg.validation_fraction, self.log)
+    return {split: self._generate_examples(docs, split, split_of) for split in splits}
 
-  def _generate_examples(self, docs: list[sources.Document], split: str, validation_fraction: float):
+  def _generate_examples(self, docs: list[sources.Document], split: str, split_of: Callable[[str], str]):
     for doc in docs:
-      if sources.split_of(doc.doc_id, validation_fraction) == split:
+      if split_of(doc.doc_id) == split:
         yield doc.doc_id, {"text": doc.text, "domain": doc.domain, "doc_id": doc.doc_id}
 
 
@@ -175,14 +189,15 @@ class TextFiles(_LocalBuilder):
     if not doc_ids:
       raise ValueError(f"no non-empty documents in {', '.join(map(str, paths))}: check the files' contents")
     self.info.metadata["domains"] = sorted(domains)
-    splits = nonempty_splits(doc_ids, cfg.validation_fraction, self.log)
-    return {split: self._generate_examples(paths, split, cfg) for split in splits}
+    splits, split_of = nonempty_splits(doc_ids, cfg.validation_fraction, self.log)
+    return {split: self._generate_examples(paths, split, cfg, split_of) for split in splits}
 
-  def _generate_examples(self, paths: list[pathlib.Path], split: str, cfg: TextFilesConfig):
+  def _generate_examples(self, paths: list[pathlib.Path], split: str, cfg: TextFilesConfig,
+                         split_of: Callable[[str], str]):
     quiet = lambda _: None  # already reported during the first pass
     for path in paths:
       for doc in read_text_file_documents(path, cfg.default_domain, quiet):
-        if sources.split_of(doc.doc_id, cfg.validation_fraction) == split:
+        if split_of(doc.doc_id) == split:
           yield doc.doc_id, {"text": doc.text, "domain": doc.domain, "doc_id": doc.doc_id}
 
 

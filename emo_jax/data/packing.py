@@ -1,7 +1,7 @@
 """Packing documents into fixed-length rows: pure numpy, no grain, no JAX.
 
 A document's tokens are followed by EOS; the EOS *ends* the document inside the
-document's own segment (SPEC section 2). Documents are concatenated and cut into rows
+document's own segment (docs/algorithm.md#router-documents-in-packed-rows). Documents are concatenated and cut into rows
 of `seq_len` tokens without padding (only the very last row of a finite stream is
 padded). A document cut by a row boundary gives one segment per piece; its targets
 stay correct across the cut because they are computed before cutting.
@@ -138,7 +138,7 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int, pad_id: int) -> dic
   return {k: np.concatenate([batch[k], pad[k]]) for k in ROW_KEYS}
 
 
-def eos_segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+def segments_ending_at_eos(inputs: np.ndarray, eos_id: int) -> np.ndarray:
   """Segment ids where each EOS ends its document (attention convention): int32[..., S], from 1."""
   is_eos = (inputs == eos_id).astype(np.int32)
   return 1 + np.cumsum(is_eos, axis=-1, dtype=np.int32) - is_eos

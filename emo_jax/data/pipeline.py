@@ -53,7 +53,7 @@ def resolve_dataset_dir(data_dir: str | os.PathLike, dataset: str) -> pathlib.Pa
   versions = sorted((p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
                     key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
   if not versions:
-    raise FileNotFoundError(f"no built dataset at {base}: run `emo-jax data build` (or pass --data-dir)")
+    raise FileNotFoundError(f"no built dataset at {base}: run `emo-jax data build`, or point at the directory holding it (data.data_dir=DIR for train and eval, --data-dir for the data commands)")
   return versions[-1]
 
 

@@ -1,6 +1,6 @@
 """The EMO layout: the released `EmoForCausalLM` checkpoints (model_type "emo").
 
-Tensor names follow SPEC section 5: `pre_attention_layernorm`,
+Tensor names (docs/algorithm.md#architecture-of-the-released-models): `pre_attention_layernorm`,
 `pre_feedforward_layernorm`, a router `mlp.gate.weight` [E, D] whose rows for the
 shared experts (the last n_s, as in emo_jax) are unused, and per-expert SwiGLU
 weights. Config fields: `num_experts` (E, shared included), `num_shared_experts`,

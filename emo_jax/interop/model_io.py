@@ -88,6 +88,11 @@ def _read_config(path: Path, overrides: Sequence[str]) -> tuple[str, Config, Pat
     if step_dir is None:
         raise InteropError(f"{path} holds no {CONFIG_FILE} (Hugging Face), {CONFIG_YAML} + {PARAMS_DIR}/ (emo-jax "
                            "convert) or checkpoints/<step>/ (emo-jax train / prune); point at one of those.")
+    from emo_jax.train.checkpoint import integrity_problem
+    problem = integrity_problem(step_dir)
+    if problem not in (None, "unverified"):  # "unverified": written before checkpoints had a manifest
+        raise InteropError(f"checkpoint {step_dir} is corrupt ({problem}); point at an earlier step directory "
+                           f"(e.g. {step_dir.parent}/<step>).")
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir.absolute() / "meta")
     config = config_from_dict(_merge(meta["config"], parse_overrides(list(overrides))))
     return "train", config, step_dir

@@ -4,7 +4,7 @@ Why Triton: it is the Pallas GPU backend whose kernels run on any recent NVIDIA 
 and can be checked on CPU (`interpret=True` runs the kernel body in the generic Pallas
 interpreter, which also fills outputs with NaN so an unwritten row shows). jax 0.11
 deprecates it in favour of Mosaic GPU, which has no public CPU interpreter yet; see
-notes_kernels.md. None of these kernels has run on a GPU in this repository yet.
+BUILD_NOTES.md, "Pallas kernels". None of these kernels has run on a GPU in this repository yet.
 
 Every program works on whole tiles through pointer arithmetic on full-array refs
 (Triton's BlockSpecs cannot follow data-dependent indices): gathers load R rows at

@@ -4,7 +4,7 @@ grouped matmuls on the group-aligned buffer of `kernels.layout`.
 Raw kernels, no autodiff: `kernels.pallas` wraps them in custom VJPs. Each takes
 `interpret`: None compiles for TPU; a `pltpu.InterpretParams(...)` runs the TPU
 semantics on CPU (the tests turn on the race detector and NaN-filled uninitialised
-memory; see notes_kernels.md). Interpret mode is for correctness only, never timing.
+memory; see docs/kernels.md#pallas-backend). Interpret mode is for correctness only, never timing.
 
 Gathers are row DMAs from HBM (`pl.ANY`) into the VMEM output block, one per real row,
 all signalling one DMA semaphore; index tiles arrive in SMEM blocks (whole index

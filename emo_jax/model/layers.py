@@ -10,7 +10,8 @@ Array = jax.Array
 
 
 def dense_init(std: float) -> nn.initializers.Initializer:
-    """Truncated normal with standard deviation `std`, cut at +-3 std (SPEC section 5)."""
+    """Truncated normal with standard deviation `std`, cut at +-3 std
+    (docs/algorithm.md#architecture-of-the-released-models)."""
     return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
 
 

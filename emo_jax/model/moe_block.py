@@ -46,7 +46,7 @@ class MoEBlock(nn.Module):
         init = dense_init(cfg.init_std)
         e = cfg.n_experts if self.n_experts is None else self.n_experts
         n_r, h, d = e - cfg.n_shared_experts, cfg.expert_hidden, cfg.d_model
-        # The router stays float32 (SPEC section 1), whatever the compute dtype.
+        # The router stays float32 (docs/algorithm.md#one-moe-layer), whatever the compute dtype.
         w_router = param_with_axes(self, "router", init, (d, n_r), jnp.float32, ("embed", "router_exp"))
         w_gate = param_with_axes(self, "w_gate", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))
         w_up = param_with_axes(self, "w_up", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))

@@ -64,7 +64,7 @@ class EmoTransformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if self.routing_config.segments == "eos":
-            router_segments = routing.eos_segment_ids(tokens, self.routing_config.eos_id, segment_ids > 0)
+            router_segments = routing.segments_starting_at_eos(tokens, self.routing_config.eos_id, segment_ids > 0)
         else:
             router_segments = segment_ids
         if positions is None:

@@ -1,4 +1,5 @@
-"""Selective expert use (SPEC sections 6-7): keep a few experts for one domain.
+"""Selective expert use: keep a few experts for one domain
+(docs/algorithm.md#selective-expert-use-and-pruning, #measuring-specialisation).
 
   documents.py  calibration / held-out text -> packed numpy batches
   checkpoints.py  load a trained or pruned model, save a pruned one (orbax, normal layout)

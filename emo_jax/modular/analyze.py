@@ -1,6 +1,6 @@
 """`emo-jax analyze` and the reproduction's analysis: routing of one document per row,
 summarised per domain by `emo_jax.specialisation` (the measures are described there and
-in docs/algorithm.md), written as JSON/CSV tables and PNG plots.
+in docs/reproduction.md), written as JSON/CSV tables and PNG plots.
 """
 
 from __future__ import annotations

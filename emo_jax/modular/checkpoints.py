@@ -69,7 +69,7 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Config, Any, 
     """(config, params, step) of the checkpoint at `path` (default: its latest step)."""
     from emo_jax.train.checkpoint import CheckpointError, Checkpointer
     config, step = read_config(path, step)
-    checkpointer = Checkpointer(checkpoint_dir(path), every=0, keep=1_000_000)
+    checkpointer = Checkpointer(checkpoint_dir(path), every=0, keep=1_000_000, read_only=True)
     try:
         restored = checkpointer.restore(_abstract_state(config), config, step)
     except CheckpointError as err:

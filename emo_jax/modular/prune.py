@@ -1,4 +1,5 @@
-"""Physical pruning: keep a subset of each layer's experts (SPEC section 6).
+"""Physical pruning: keep a subset of each layer's experts
+(docs/algorithm.md#selective-expert-use-and-pruning).
 
 Layer l keeps the routed experts `keep[l]` (indices into its routed experts, kept in
 ascending order) and always its shared experts, the last n_s entries of the [E, D, H]

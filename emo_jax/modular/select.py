@@ -1,4 +1,5 @@
-"""Expert selection per layer (SPEC section 6), greedy from layer 0 upward.
+"""Expert selection per layer, greedy from layer 0 upward
+(docs/algorithm.md#selective-expert-use-and-pruning).
 
 Layer l is scored by running the calibration batches through the model whose
 layers < l are already pruned to their chosen subsets: the score of routed expert i

@@ -85,6 +85,9 @@ def check_vocabulary(config: Config) -> None:
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{config.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
+    if config.routing.segments == "eos" and config.routing.eos_id != tokenizer.eos_id:
+        raise ConfigError(f"routing.segments=eos splits router documents at routing.eos_id={config.routing.eos_id}, "
+                          f"but the tokenizer's EOS is {tokenizer.eos_id}; set routing.eos_id={tokenizer.eos_id}.")
 
 
 def train_batches(config: Config) -> BatchSource:

@@ -22,7 +22,7 @@ from emo_jax.compat import use_mesh
 from emo_jax.config import Config
 from emo_jax.train import batches as batch_sources
 from emo_jax.train import metrics as metrics_lib
-from emo_jax.train.checkpoint import CheckpointError, Checkpointer
+from emo_jax.train.checkpoint import CheckpointError, Checkpointer, nonfinite_loss_message
 from emo_jax.train.evaluate import Evaluator
 from emo_jax.train.sharded import make_sharded_trainer
 from emo_jax.train.step import BATCH_KEYS
@@ -140,8 +140,8 @@ def train(config: Config, resume: bool = True) -> TrainResult:
                                                    jax.random.fold_in(base_key, step))
                 loss = float(step_metrics["loss"])
                 if not math.isfinite(loss):
-                    raise NonFiniteLossError(f"loss is {loss} at step {step}; lower optimizer.peak_lr, "
-                                             "check the data, or resume from an earlier checkpoint.")
+                    raise NonFiniteLossError(nonfinite_loss_message(loss, step + 1, checkpointer.latest_step(),
+                                                                    config))
                 losses.append(loss)
                 step += 1
                 window.add(step_metrics)

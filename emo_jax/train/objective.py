@@ -1,4 +1,4 @@
-"""The training objective of one micro-batch (SPEC section 4).
+"""The training objective of one micro-batch (docs/algorithm.md#losses).
 
 L = CE + w_lb * mean_layers(L_LB) + w_z * mean_layers(L_Z) + w_out * Z_out, with
 every mean taken over the tokens of the whole step, so that summing the

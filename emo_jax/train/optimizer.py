@@ -9,7 +9,7 @@ from flax import traverse_util
 
 from emo_jax.config import OptimizerConfig
 
-NO_DECAY = ("embedding",)  # SPEC section 5: weight decay 0.1 except embeddings
+NO_DECAY = ("embedding",)  # weight decay 0.1 except embeddings (docs/algorithm.md#architecture-of-the-released-models)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
