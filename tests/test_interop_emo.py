@@ -229,3 +229,65 @@ def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
         if name.endswith("mlp.gate.weight"):
             expected[-1] = 0.0
         np.testing.assert_array_equal(np.asarray(back.array(name)), expected, err_msg=name)
+
+
+# ------------------------------------------------------------------ issue 14 bugs
+
+
+def test_export_writes_a_pad_token_id_inside_the_vocabulary(tiny, tmp_path):
+    """The official EmoConfig defaults pad_token_id to 100277 and EmoModel builds
+    nn.Embedding(vocab_size, hidden, padding_idx=pad_token_id): export must name a valid id."""
+    config, params = tiny
+    export_hf(params, config, tmp_path / "a", layout="emo")
+    hf = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "pad_token_id" in hf and hf["pad_token_id"] is not None
+    assert 0 <= hf["pad_token_id"] < hf["vocab_size"]
+    torch = pytest.importorskip("torch")
+    torch.nn.Embedding(hf["vocab_size"], hf["hidden_size"], padding_idx=hf["pad_token_id"])  # what EmoModel does
+    export_hf(params, config, tmp_path / "b", layout="emo", pad_id=5)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["pad_token_id"] == 5
+    with pytest.raises(InteropError, match="pad_id=96"):
+        export_hf(params, config, tmp_path / "c", layout="emo", pad_id=96)
+
+
+def test_missing_num_shared_experts_means_zero(tiny, tmp_path):
+    """The official EmoConfig default is num_shared_experts=0."""
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    exported = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    del exported["num_shared_experts"]
+    assert hf_emo.model_fields(exported)["n_shared_experts"] == 0
+
+
+def test_export_to_emo_refuses_qk_norm(tmp_path):
+    """The official EMO class has no QK-norm: it would ignore q_norm/k_norm and compute other logits."""
+    config = tiny_config("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
+                         "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64", "model.qk_norm=true")
+    with pytest.raises(InteropError, match="cannot export to the EMO layout: qk_norm=true") as err:
+        export_hf(random_params(config), config, tmp_path / "qk", layout="emo")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "qk").exists()
+
+
+def test_truncated_safetensors_is_a_one_line_error(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "cut", layout="emo")
+    path = tmp_path / "cut" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated") as err:
+        import_hf(tmp_path / "cut")
+    assert "\n" not in str(err.value)
+
+
+def test_null_eos_token_id_round_trips_as_null(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "a", layout="emo")
+    path = tmp_path / "a" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": None}))
+    imported_config, imported = import_hf(tmp_path / "a")
+    assert imported_config.routing.eos_id is None
+    export_hf(imported, imported_config, tmp_path / "b", layout="emo")
+    back = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert "eos_token_id" in back and back["eos_token_id"] is None
+    assert 0 <= back["pad_token_id"] < back["vocab_size"]

@@ -59,10 +59,13 @@ def params_expert_counts(params: dict, n_layers: int) -> tuple[int, ...]:
                            "the parameter tree of an emo_jax model with its own config.") from None
 
 
-def _eos_id(hf: dict, vocab_size: int) -> int:
+def _eos_id(hf: dict, vocab_size: int) -> int | None:
+    """The first eos_token_id; None when config.json has none (null or [] survive a round trip)."""
     eos = hf.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    if eos is None:
+        return None
     return int(eos) if isinstance(eos, int) and 0 <= eos < vocab_size else 0
 
 
@@ -191,12 +194,13 @@ def _to_host(x) -> np.ndarray:
 
 
 def export_hf(params: dict, config: Config, directory: str | Path, layout: str = "emo",
-              dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> list[Path]:
+              dtype: str | None = None, max_shard_bytes: int = 4 << 30, pad_id: int | None = None) -> list[Path]:
     """Writes config.json + safetensors for `params` in the `layout` ("emo" or "olmoe").
 
     dtype: "float32" / "bfloat16" / "float16" to cast on export; None keeps each
     parameter's dtype. Expert counts come from the parameter shapes (pruned models
-    write `num_experts_per_layer`; only the EMO layout has it).
+    write `num_experts_per_layer`; only the EMO layout has it). pad_id: the
+    `pad_token_id` to write (EMO default: routing.eos_id, else 0; always < vocab_size).
     """
     if layout not in LAYOUTS:
         raise InteropError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}.")
@@ -205,9 +209,12 @@ def export_hf(params: dict, config: Config, directory: str | Path, layout: str =
     module = LAYOUTS[layout]
     params = nn.meta.unbox(params)
     m = config.model
+    if pad_id is not None and not 0 <= pad_id < m.vocab_size:
+        raise InteropError(f"pad_id={pad_id} is not a token id of this model (vocab_size={m.vocab_size}); "
+                           "pass one in [0, vocab_size).")
     counts = params_expert_counts(params, m.n_layers)
     dtype_name = dtype or str(np.dtype(params["embedding"].dtype))
-    hf = module.hf_config(m, counts, dtype_name, config.routing.eos_id)  # fails early for unexportable models
+    hf = module.hf_config(m, counts, dtype_name, config.routing.eos_id, pad_id)  # fails early for unexportable models
     sources = module.sources(m, counts)
     flat = _flat(params)
     if set(flat) != set(sources):

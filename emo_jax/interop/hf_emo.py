@@ -7,9 +7,14 @@ weights. Config fields: `num_experts` (E, shared included), `num_shared_experts`
 `num_experts_per_tok` (k, shared included, as emo_jax's top_k), `norm_topk_prob=false`
 and, for pruned models, `num_experts_per_layer` [E_0, ..., E_{L-1}].
 
-The released checkpoints have no QK-norm; a model trained with `qk_norm: true` is
-exported with `qk_norm: true` in config.json and `self_attn.{q,k}_norm.weight` over
-the full projected width (as OLMoE), an emo_jax extension of the layout.
+The official `EmoForCausalLM` has no QK-norm (it would ignore such weights and compute
+other logits), so export refuses `qk_norm: true`, as `--to olmoe` refuses what OLMoE
+cannot hold. Import still reads `qk_norm: true` + `self_attn.{q,k}_norm.weight` (over
+the full projected width, as OLMoE) from folders written by older emo_jax versions.
+Config defaults are the official EmoConfig's: a config.json without
+`num_shared_experts` has none. Export always writes `pad_token_id` (the official
+default, 100277, lies outside every smaller vocabulary and EmoModel's
+`nn.Embedding(..., padding_idx=pad_token_id)` then fails to build).
 The unused shared router rows are written as zeros, so a checkpoint whose shared rows
 hold other values round-trips exactly in every tensor except those rows.
 """
@@ -45,22 +50,31 @@ def model_fields(hf: dict) -> dict:
             raise InteropError(f"num_experts_per_layer has {len(per_layer)} entries but num_hidden_layers="
                                f"{fields['n_layers']}; give one expert count per layer.")
     fields.update(qk_norm=bool(hf.get("qk_norm", False)), n_experts=n_experts,
-                  n_shared_experts=int(hf.get("num_shared_experts", 1)), top_k=require(hf, "num_experts_per_tok"))
+                  n_shared_experts=int(hf.get("num_shared_experts") or 0), top_k=require(hf, "num_experts_per_tok"))
     if per_layer is not None and set(per_layer) != {n_experts}:
         fields["layer_experts"] = per_layer
     return fields
 
 
 def check_exportable(m: ModelConfig) -> None:
+    problems = []
+    if m.qk_norm:
+        problems.append("qk_norm=true (the official EmoForCausalLM has no q_norm/k_norm and would ignore them)")
     if m.norm_placement != "pre":
-        raise InteropError("cannot export norm_placement=post to the EMO layout (its blocks are pre-norm).")
+        problems.append("norm_placement=post (EmoDecoderLayer is pre-norm)")
+    if problems:
+        raise InteropError("cannot export to the EMO layout: " + "; ".join(problems) + ".")
 
 
-def hf_config(m: ModelConfig, expert_counts: tuple[int, ...], dtype: str, eos_id: int | None) -> dict:
+def hf_config(m: ModelConfig, expert_counts: tuple[int, ...], dtype: str, eos_id: int | None,
+              pad_id: int | None = None) -> dict:
+    """pad_id: the pad token id to write (None: eos_id, else 0); always inside the vocabulary."""
     check_exportable(m)
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
     hf = dict(common_hf_fields(m, dtype), architectures=[ARCHITECTURE], model_type="emo",
-              num_experts=m.n_experts, num_shared_experts=m.n_shared_experts, qk_norm=m.qk_norm,
-              eos_token_id=eos_id)
+              num_experts=m.n_experts, num_shared_experts=m.n_shared_experts, qk_norm=False,
+              eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
     if len(set(expert_counts)) > 1 or expert_counts[0] != m.n_experts:
         hf["num_experts_per_layer"] = list(expert_counts)
     return hf
