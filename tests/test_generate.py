@@ -70,6 +70,17 @@ def test_cached_decoding_equals_full_recomputation(model):
     assert not np.array_equal(sampled.tokens, greedy.tokens)
 
 
+def test_cached_decoding_with_two_shared_experts():
+    """n_s = 2 (shared experts weighted by their own router's softmax) through the KV-cache path."""
+    config = tiny_config(*MODEL, "model.n_shared_experts=2")
+    params = random_params(config, seed=3, std=0.3)
+    assert params["layer_0"]["moe"]["shared_router"].shape == (32, 2)
+    greedy = generate(config, params, PROMPTS, SamplingConfig(max_new_tokens=NEW), return_logits=True)
+    for row, expected in enumerate(_recompute(config, params, PROMPTS, greedy.tokens)):
+        np.testing.assert_allclose(greedy.logits[row], expected, atol=1e-4, rtol=1e-5)
+        np.testing.assert_array_equal(greedy.tokens[row], expected.argmax(-1))
+
+
 def test_eos_stops_a_row(model):
     config, params = model
     first = generate(config, params, PROMPTS, SamplingConfig(max_new_tokens=NEW), return_logits=True)

@@ -190,14 +190,17 @@ def torch_reference():
     return torch, ref
 
 
+@pytest.mark.parametrize("shared", [0, 1, 2], ids=["shared0", "shared1", "shared2"])
 @pytest.mark.parametrize("per_layer", [None, (8, 5)], ids=["full", "pruned"])
-def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
+def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer, shared):
+    """0, 1 and 2 shared experts (2: weighted by the softmax of their own router rows)."""
     torch, ref = torch_reference
-    hf = ref.emo_hf_config(per_layer=per_layer)
+    hf = ref.emo_hf_config(per_layer=per_layer, shared=shared)
     state = ref.random_state_dict(hf, seed=1)
     ref.save_checkpoint(tmp_path / "emo", hf, state)
     config, params = import_hf(tmp_path / "emo")
-    assert config.model.expert_counts == (per_layer or (8, 8))
+    assert config.model.expert_counts == (per_layer or (8, 8)) and config.model.n_shared_experts == shared
+    assert ("shared_router" in params["layer_0"]["moe"]) == (shared >= 2)
     rng = np.random.default_rng(0)
 
     # Rows 0-1 unpacked (one document each), row 2 packed: two documents and padding,
@@ -220,13 +223,13 @@ def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
         np.testing.assert_allclose(logits[2, start:start + n], expected, atol=1e-4, rtol=0)
         start += n
 
-    # Export gives back the reference's tensors (shared router rows zeroed: they are unused).
+    # Export gives back the reference's tensors (one shared expert's router row is unused: zero).
     export_hf(params, config, tmp_path / "back", layout="emo")
     back = SafetensorsReader(tmp_path / "back")
     assert set(back.keys()) == set(state)
     for name, tensor in state.items():
         expected = tensor.numpy().copy()
-        if name.endswith("mlp.gate.weight"):
+        if name.endswith("mlp.gate.weight") and shared == 1:
             expected[-1] = 0.0
         np.testing.assert_array_equal(np.asarray(back.array(name)), expected, err_msg=name)
 

@@ -77,10 +77,11 @@ def np_routing_choices(x, seg, pool_sizes, wr, k_r):
     return mask, ids
 
 
-def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared):
+def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared, ws=None):
     """Reference MoE layer given the discrete choices: gates = pool-renormalised softmax
     of the router logits at the chosen experts (not renormalised over the top-k), shared
-    experts with gate 1, padding output 0. Differentiable in x and all weights."""
+    experts with gate 1 (or, given their router ws [D, n_s], the softmax of its logits),
+    padding output 0. Differentiable in x and all weights."""
     b_, s_, d = x.shape
     n = wr.shape[1]
     z = jnp.einsum("bsd,dn->bsn", x, wr, precision=HI)
@@ -88,7 +89,9 @@ def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared):
     gates = jnp.take_along_axis(q, jnp.asarray(ids), axis=-1)
     shared = np.broadcast_to(np.arange(n, n + n_shared), (b_, s_, n_shared))
     all_ids = np.concatenate([ids, shared], -1)
-    all_gates = jnp.concatenate([gates, jnp.ones((b_, s_, n_shared))], -1)
+    shared_gates = (jnp.ones((b_, s_, n_shared)) if ws is None
+                    else jax.nn.softmax(jnp.einsum("bsd,dn->bsn", x, ws, precision=HI), axis=-1))
+    all_gates = jnp.concatenate([gates, shared_gates], -1)
     y = gathered_ffn(x.reshape(-1, d), all_ids.reshape(b_ * s_, -1), all_gates.reshape(b_ * s_, -1),
                  (seg > 0).reshape(-1), wg, wu, wd)
     return y.reshape(b_, s_, d)
@@ -249,22 +252,27 @@ def test_moe_layer_forward_and_grads_match_loop(n_shared, pooled):
     mask, ids = np_routing_choices(x, seg, pool_sizes, wr, k_r)
     assert not (ids == 4).any()
     ps = None if pool_sizes is None else jnp.asarray(pool_sizes)
+    # Two or more shared experts have their own router (softmax weights, as the official EMO).
+    ws = jnp.asarray(np.random.default_rng(7).normal(size=(LD, max(n_shared, 1))), jnp.float32)
+    use_ws = n_shared >= 2
 
-    def impl(x, wr, wg, wu, wd):
-        y, _ = moe.moe_layer(x, jnp.asarray(seg), ps, wr, wg, wu, wd, routed_top_k=k_r, n_shared=n_shared)
+    def impl(x, wr, wg, wu, wd, ws):
+        y, _ = moe.moe_layer(x, jnp.asarray(seg), ps, wr, wg, wu, wd, routed_top_k=k_r, n_shared=n_shared,
+                             w_shared_router=ws if use_ws else None)
         return jnp.sum(y * cot), y
 
-    def ref(x, wr, wg, wu, wd):
-        y = loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared)
+    def ref(x, wr, wg, wu, wd, ws):
+        y = loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared, ws if use_ws else None)
         return jnp.sum(y * cot), y
 
-    args = (x, wr, wg, wu, wd)
-    (_, y_impl), g_impl = jax.jit(jax.value_and_grad(impl, argnums=range(5), has_aux=True))(*args)
-    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref, argnums=range(5), has_aux=True))(*args)
+    args = (x, wr, wg, wu, wd, ws)
+    (_, y_impl), g_impl = jax.jit(jax.value_and_grad(impl, argnums=range(6), has_aux=True))(*args)
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref, argnums=range(6), has_aux=True))(*args)
     np.testing.assert_allclose(np.asarray(y_impl), np.asarray(y_ref), **TOL)
     assert np.all(np.asarray(y_impl)[seg == 0] == 0.0)
     assert_tree_close(g_impl, g_ref)
-    gx, gwr, gwg, gwu, gwd = map(np.asarray, g_impl)
+    gx, gwr, gwg, gwu, gwd, gws = map(np.asarray, g_impl)
+    assert (np.abs(gws).sum() > 0) == use_ws
     for g in (gwg, gwu, gwd):
         assert np.all(g[4] == 0.0)  # starved expert: exactly zero gradient
         assert np.all(np.abs(g[[0, 1, 2, 3]]).sum(axis=(1, 2)) > 0)

@@ -27,7 +27,7 @@ from emo_jax.config import Config, ConfigError, _merge, config_from_dict, parse_
 from emo_jax.interop import hf_emo, hf_olmoe
 from emo_jax.interop.hf_common import CONFIG_FILE, InteropError, read_hf_config
 from emo_jax.interop.safetensors_io import SafetensorsReader, write_checkpoint
-from emo_jax.interop.tensor_map import Source, hf_names, read_region, to_hf
+from emo_jax.interop.tensor_map import Source, hf_names, merge_rows, read_region, to_hf
 
 LAYOUTS: dict[str, ModuleType] = {hf_olmoe.NAME: hf_olmoe, hf_emo.NAME: hf_emo}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
@@ -228,12 +228,24 @@ def export_hf(params: dict, config: Config, directory: str | Path, layout: str =
                                f"implies {list(src.shape)}.")
     out_dtype = EXPORT_DTYPES[dtype] if dtype else None
 
+    parts_of: dict[str, int] = {}
+    for src in sources.values():
+        for part in hf_names(src):
+            parts_of[part.name] = parts_of.get(part.name, 0) + 1
+
     def tensors():
+        pending: dict[str, list] = {}  # HF tensors fed by several emo arrays (EMO router rows)
         for path, src in sources.items():
             host = _to_host(flat[path])
             if out_dtype is not None:
                 host = host.astype(out_dtype)
-            yield from to_hf(src, host)
+            for (name, hf), part in zip(to_hf(src, host), hf_names(src)):
+                if parts_of[name] == 1:
+                    yield name, hf
+                    continue
+                pending.setdefault(name, []).append((part, hf))
+                if len(pending[name]) == parts_of[name]:
+                    yield name, merge_rows(pending.pop(name))
 
     directory = Path(directory)
     files = write_checkpoint(directory, tensors(), max_shard_bytes)

@@ -1,9 +1,12 @@
 """The EMO layout: the released `EmoForCausalLM` checkpoints (model_type "emo").
 
 Tensor names (docs/algorithm.md#architecture-of-the-released-models): `pre_attention_layernorm`,
-`pre_feedforward_layernorm`, a router `mlp.gate.weight` [E, D] whose rows for the
-shared experts (the last n_s, as in emo_jax) are unused, and per-expert SwiGLU
-weights. Config fields: `num_experts` (E, shared included), `num_shared_experts`,
+`pre_feedforward_layernorm`, a router `mlp.gate.weight` [E, D] whose last n_s rows
+belong to the shared experts (last, as in emo_jax), and per-expert SwiGLU weights.
+As the official model: the routed experts' softmax covers the first E - n_s rows;
+the shared experts are weighted by a softmax over their own rows' logits, which is
+exactly 1 for a single shared expert (its row is then unused) and emo_jax's
+`moe/shared_router` [D, n_s] for two or more. Config fields: `num_experts` (E, shared included), `num_shared_experts`,
 `num_experts_per_tok` (k, shared included, as emo_jax's top_k), `norm_topk_prob=false`
 and, for pruned models, `num_experts_per_layer` [E_0, ..., E_{L-1}].
 
@@ -15,8 +18,8 @@ Config defaults are the official EmoConfig's: a config.json without
 `num_shared_experts` has none. Export always writes `pad_token_id` (the official
 default, 100277, lies outside every smaller vocabulary and EmoModel's
 `nn.Embedding(..., padding_idx=pad_token_id)` then fails to build).
-The unused shared router rows are written as zeros, so a checkpoint whose shared rows
-hold other values round-trips exactly in every tensor except those rows.
+With one shared expert its unused router row is written as zeros, so such a checkpoint
+round-trips exactly in every tensor except that row; with two or more every row is kept.
 """
 
 from __future__ import annotations
