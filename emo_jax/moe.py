@@ -59,7 +59,7 @@ def route_tokens(x: Array, segment_ids: Array, pool_sizes: Array | None, w_route
     """
     chex.assert_rank(x, 3)
     chex.assert_shape(segment_ids, x.shape[:2])
-    chex.assert_type(segment_ids, jnp.int32)
+    chex.assert_type(segment_ids, int)
     chex.assert_shape(w_router, (x.shape[-1], None))
     n_routed = w_router.shape[-1]
     r = routing.route(router_logits(x, w_router), segment_ids, routed_top_k, pool_sizes,

@@ -182,7 +182,17 @@ def route(
       from inside its pool); None = standard MoE (no pool, q = p).
     num_segments: G, static; defaults to pool_sizes.shape[1], else S + 1.
     """
+    # The public boundary: shapes and dtypes checked at trace time (chex, no runtime cost).
+    chex.assert_rank(logits, 3)
+    chex.assert_type(logits, float)
+    chex.assert_shape(segment_ids, logits.shape[:2])
+    chex.assert_type(segment_ids, int)
+    if pool_sizes is not None:
+        chex.assert_shape(pool_sizes, (logits.shape[0], None))
+        chex.assert_type(pool_sizes, int)
     batch, seq, n_routed = logits.shape
+    if not 0 < top_k <= n_routed:
+        raise ValueError(f"top_k={top_k} must be in [1, {n_routed}] (the routed experts of these logits).")
     if pool_sizes is not None:
         pool_sizes = jnp.maximum(pool_sizes, top_k)
         num_segments = pool_sizes.shape[1]

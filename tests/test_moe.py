@@ -318,3 +318,28 @@ def test_routing_stats_router_z_ignores_nan_padding():
     args = (probs, lse_nan, seg > 0, None, seg, 5)
     st = routing.routing_stats(ids, *args)  # eager, op by op
     assert float(st.router_z_sum) == pytest.approx(1 + 4 + 9 + 3)
+
+
+def test_public_boundaries_check_shapes_and_dtypes():
+    """chex assertions at routing.route / moe.moe_layer: a wrong shape or dtype fails at trace
+    time naming the mismatch, instead of broadcasting into wrong results."""
+    x, seg, _, wr, wg, wu, wd, _, k_r = layer_case(2, False)
+    seg = jnp.asarray(seg)
+    ws = jnp.zeros((LD, 2), jnp.float32)
+    call = functools.partial(moe.moe_layer, routed_top_k=k_r, n_shared=2)
+    y, _ = jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd, w_shared_router=ws))
+    assert y.shape == x.shape
+    with pytest.raises(AssertionError):  # segment ids of another shape
+        jax.eval_shape(lambda: call(x, seg[:, :-1], None, wr, wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(AssertionError):  # float segment ids
+        jax.eval_shape(lambda: call(x, seg.astype(jnp.float32), None, wr, wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(AssertionError):  # shared router of the wrong width
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd, w_shared_router=ws[:, :1]))
+    with pytest.raises(AssertionError):  # w_down not [E, H, D]
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, jnp.swapaxes(wd, 1, 2), w_shared_router=ws))
+    with pytest.raises(AssertionError):  # router columns + shared != experts
+        jax.eval_shape(lambda: call(x, seg, None, wr[:, :-1], wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(ValueError, match="need their router"):
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd))
+    with pytest.raises(AssertionError):  # pool sizes for another batch
+        routing.route(jnp.zeros((LB, LS, 5)), seg, 2, jnp.full((LB + 1, LS + 1), 3, jnp.int32))
