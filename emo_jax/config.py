@@ -36,7 +36,7 @@ class ModelConfig:
     # "pre": x + f(norm(x)) (EMO, OLMoE in transformers); "post": x + norm(f(x)) (OLMo 2).
     norm_placement: Literal["pre", "post"] = "pre"
     n_experts: int = 8  # E: routed + shared
-    n_shared_experts: int = 1  # n_s: always on, gate weight 1
+    n_shared_experts: int = 1  # n_s: always on; gate 1 for one, softmax of their own router for >= 2
     top_k: int = 4  # k: experts per token, shared included (k_r = k - n_s routed)
     expert_hidden: int = 32
     tie_embeddings: bool = False
