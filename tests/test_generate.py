@@ -198,3 +198,9 @@ def test_memory_estimate_matches_shapes(pruned):
     assert memory.kv_cache_bytes(m, 3, 20, 4) == kv
     rows = memory.memory_rows(dataclasses.replace(m, layer_experts=None), (8, 5), batch=1, seq_len=64)
     assert rows[0].param_bytes > rows[1].param_bytes and rows[0].kv_cache_bytes == rows[1].kv_cache_bytes
+
+
+def test_memory_estimate_counts_the_shared_router():
+    config = tiny_config(*MODEL, "model.n_shared_experts=2")
+    m = config.model
+    assert memory.param_count(m, m.expert_counts) == count_params(config).total
