@@ -294,3 +294,21 @@ def test_null_eos_token_id_round_trips_as_null(tiny, tmp_path):
     back = json.loads((tmp_path / "b" / "config.json").read_text())
     assert "eos_token_id" in back and back["eos_token_id"] is None
     assert 0 <= back["pad_token_id"] < back["vocab_size"]
+
+
+def test_cli_export_names_the_model_it_refuses_and_takes_a_pad_id(tmp_path, capsys):
+    from emo_jax import cli
+    from emo_jax.interop.model_io import save_converted
+    base = ("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
+            "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64")
+    config = tiny_config(*base)
+    save_converted(tmp_path / "plain", config, random_params(config))
+    assert cli.main(["convert", str(tmp_path / "plain"), str(tmp_path / "out"), "--to", "emo", "--pad-id", "3"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == 3
+    qk = tiny_config(*base, "model.qk_norm=true")
+    save_converted(tmp_path / "qk", qk, random_params(qk))
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "qk"), str(tmp_path / "qk_out"), "--to", "emo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "qk") in err and "qk_norm=true" in err
+    assert not (tmp_path / "qk_out").exists()
