@@ -312,3 +312,15 @@ def test_cli_export_names_the_model_it_refuses_and_takes_a_pad_id(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "qk") in err and "qk_norm=true" in err
     assert not (tmp_path / "qk_out").exists()
+
+
+def test_missing_eos_token_id_takes_the_official_default(tiny, tmp_path):
+    """EmoConfig defaults eos_token_id to 100257; outside a smaller vocabulary that id does not exist."""
+    from emo_jax.interop.convert import config_from_hf
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    hf = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    del hf["eos_token_id"]
+    assert config_from_hf(dict(hf, vocab_size=100352), hf_emo,
+                          overrides=["routing.pool=none"]).routing.eos_id == 100257
+    assert config_from_hf(hf, hf_emo).routing.eos_id == 0  # out of range: as before, 0

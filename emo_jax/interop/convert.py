@@ -85,6 +85,8 @@ def config_from_hf(hf: dict, layout: ModuleType, overrides: Sequence[str] = (), 
         routing = dict(pool="random", pool_min=min(k_r + 1, n_r), pool_max=model["n_experts"], eval_pool="none")
     else:
         routing = dict(pool="none", eval_pool="none")
+    if "eos_token_id" not in hf and getattr(layout, "DEFAULT_EOS_ID", None) is not None:
+        hf = dict(hf, eos_token_id=layout.DEFAULT_EOS_ID)  # the official config's default
     routing["eos_id"] = _eos_id(hf, model["vocab_size"])
     values = {"name": name, "model": model, "routing": routing,
               "data": {"seq_len": min(128, model["max_seq_len"])}}

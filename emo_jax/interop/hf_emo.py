@@ -31,6 +31,7 @@ from emo_jax.interop.tensor_map import Source
 
 NAME = "emo"
 ARCHITECTURE = "EmoForCausalLM"
+DEFAULT_EOS_ID = 100257  # EmoConfig's eos_token_id when config.json has none (dolma2's <|endoftext|>)
 
 
 def layer_names(qk_norm: bool) -> LayerNames:
