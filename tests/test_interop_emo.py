@@ -324,3 +324,30 @@ def test_missing_eos_token_id_takes_the_official_default(tiny, tmp_path):
     assert config_from_hf(dict(hf, vocab_size=100352), hf_emo,
                           overrides=["routing.pool=none"]).routing.eos_id == 100257
     assert config_from_hf(hf, hf_emo).routing.eos_id == 0  # out of range: as before, 0
+
+
+def test_official_options_emo_jax_lacks_are_refused(tiny, tmp_path):
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    hf = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    for key, value, match in (("always_active_experts", [0], "always_active_experts"),
+                              ("num_shared_experts_per_layer", [1, 2], "num_shared_experts_per_layer"),
+                              ("num_experts_per_layer", [0, 8], "dense layers"),
+                              ("ghost_extend_eval", "true", "ghost_extend_eval")):
+        with pytest.raises(InteropError, match=match):
+            hf_emo.model_fields(dict(hf, **{key: value}))
+    hf_emo.model_fields(dict(hf, always_active_experts=None, ghost_extend_eval=False))
+
+
+def test_broken_index_and_missing_shard_name_the_file(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "split", layout="emo", max_shard_bytes=64_000)
+    index = tmp_path / "split" / "model.safetensors.index.json"
+    shard = sorted((tmp_path / "split").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"{shard.name} is missing") as err:
+        import_hf(tmp_path / "split")
+    assert "\n" not in str(err.value)
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not a valid index"):
+        import_hf(tmp_path / "split")

@@ -43,8 +43,23 @@ def matches(hf: dict) -> bool:
     return hf.get("model_type") == "emo" or ARCHITECTURE in (hf.get("architectures") or [])
 
 
+def check_official_features(hf: dict) -> None:
+    """Options of the official EmoConfig that emo_jax does not implement: refused, never ignored."""
+    for key in ("always_active_experts", "always_active_experts_per_layer", "num_shared_experts_per_layer"):
+        if hf.get(key):
+            raise InteropError(f"config.json sets {key}={hf[key]!r}, which emo_jax does not implement "
+                               "(its shared experts are the last num_shared_experts of every layer).")
+    if 0 in (hf.get("num_experts_per_layer") or []):
+        raise InteropError("config.json has dense layers (0 in num_experts_per_layer); emo_jax layers are all MoE.")
+    ghost = hf.get("ghost_extend_eval", False)
+    if ghost is True or str(ghost).strip().lower() in ("true", "1", "yes"):
+        raise InteropError("config.json sets ghost_extend_eval (a probe of the official code); emo_jax does not "
+                           "implement ghost experts: set it to false.")
+
+
 def model_fields(hf: dict) -> dict:
     """ModelConfig fields of an EMO config.json (`layer_experts` only for pruned models)."""
+    check_official_features(hf)
     fields = common_model_fields(hf)
     n_experts = require(hf, "num_experts")
     per_layer = hf.get("num_experts_per_layer")

@@ -121,8 +121,17 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {f: SafetensorsFile(directory / f) for f in sorted(set(weight_map.values()))}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise SafetensorsError(f"{index} is not a valid index (JSON with a 'weight_map' of tensor -> "
+                                       "file); re-download or re-export the checkpoint.") from None
+            for f in files:
+                if not (directory / f).is_file():
+                    raise SafetensorsError(f"{directory / f} is missing (listed in {index}); the checkpoint is "
+                                           "incomplete: re-download or re-export it.")
+            files = {f: SafetensorsFile(directory / f) for f in files}
             self._where = {name: files[f] for name, f in weight_map.items()}
         elif (directory / SINGLE_FILE).is_file():
             single = SafetensorsFile(directory / SINGLE_FILE)
