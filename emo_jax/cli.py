@@ -108,8 +108,11 @@ def _convert(args) -> int:
               f"{list(config.model.expert_counts)}) -> {args.out}")
         return 0
     config, params = model_io.load_model(args.source, layout=args.layout, overrides=args.overrides)
-    files = convert.export_hf(params, config, args.out, layout=target, dtype=args.dtype,
-                              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    try:
+        files = convert.export_hf(params, config, args.out, layout=target, dtype=args.dtype,
+                                  max_shard_bytes=int(args.max_shard_gb * (1 << 30)), pad_id=args.pad_id)
+    except convert.InteropError as err:  # name the model that cannot be exported
+        raise convert.InteropError(f"{args.source}: {err}") from None
     model_io.copy_tokenizer_files(args.source, args.out)
     print(f"exported {args.source} to the {target} layout: {len(files)} safetensors file(s) in {args.out}")
     return 0
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "olmoe", "emo"], default="auto", help="layout of an HF source")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="export dtype (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="split exported safetensors above this size")
+    p.add_argument("--pad-id", type=int, help="pad_token_id to write on export (default: routing.eos_id, else 0)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. mesh.expert=8")
     p.set_defaults(fn=_convert)
 

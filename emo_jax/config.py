@@ -36,7 +36,7 @@ class ModelConfig:
     # "pre": x + f(norm(x)) (EMO, OLMoE in transformers); "post": x + norm(f(x)) (OLMo 2).
     norm_placement: Literal["pre", "post"] = "pre"
     n_experts: int = 8  # E: routed + shared
-    n_shared_experts: int = 1  # n_s: always on, gate weight 1
+    n_shared_experts: int = 1  # n_s: always on; gate 1 for one, softmax of their own router for >= 2
     top_k: int = 4  # k: experts per token, shared included (k_r = k - n_s routed)
     expert_hidden: int = 32
     tie_embeddings: bool = False
@@ -91,7 +91,7 @@ class RoutingConfig:
     # segment at every EOS token as the official EMO code does
     # (docs/algorithm.md#router-documents-in-packed-rows).
     segments: Literal["explicit", "eos"] = "explicit"
-    eos_id: int = 0
+    eos_id: int | None = 0  # None: the model has no EOS token (a config.json with eos_token_id null)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,7 +457,7 @@ def validate(config: Config) -> None:
         _require(k_r <= r.eval_pool_size <= m.n_experts,
                  f"routing.eval_pool_size={r.eval_pool_size} must be in [k_r={k_r}, n_experts={m.n_experts}].")
     if r.segments == "eos":
-        _require(0 <= r.eos_id < m.vocab_size,
+        _require(r.eos_id is not None and 0 <= r.eos_id < m.vocab_size,
                  f"routing.eos_id={r.eos_id} must be a token id in [0, vocab_size={m.vocab_size}).")
     _require(config.data.seq_len <= m.max_seq_len,
              f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}.")

@@ -29,6 +29,8 @@ def layer_param_count(m: ModelConfig, n_experts: int) -> int:
     """Parameters of one decoder layer holding `n_experts` experts (shared included)."""
     attention = 4 * m.d_model * m.n_heads * m.head_dim + (2 * m.n_heads * m.head_dim if m.qk_norm else 0)
     router = m.d_model * (n_experts - m.n_shared_experts)
+    if m.n_shared_experts >= 2:  # the shared experts' own router
+        router += m.d_model * m.n_shared_experts
     experts = 3 * n_experts * m.d_model * m.expert_hidden
     return attention + router + experts + 2 * m.d_model
 

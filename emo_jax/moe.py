@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Protocol
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -23,7 +24,7 @@ Array = jax.Array
 class MoELayerFn(Protocol):
     def __call__(self, x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
                  w_gate: Array, w_up: Array, w_down: Array, *, routed_top_k: int,
-                 n_shared: int) -> tuple[Array, routing.RoutingStats]: ...
+                 n_shared: int, w_shared_router: Array | None = None) -> tuple[Array, routing.RoutingStats]: ...
 
 
 def router_logits(x: Array, w_router: Array) -> Array:
@@ -31,35 +32,67 @@ def router_logits(x: Array, w_router: Array) -> Array:
     return jnp.einsum("...d,dn->...n", x.astype(jnp.float32), w_router.astype(jnp.float32))
 
 
+def shared_gates(x: Array, w_shared_router: Array | None, n_shared: int) -> Array | None:
+    """Weights f32[..., n_s] of the shared experts, or None (weight exactly 1.0).
+
+    As the official EMO model: with n_s >= 2 a softmax over the shared router's own
+    logits (independent of the routed experts' softmax); with n_s <= 1 no router.
+    """
+    if n_shared < 2:
+        if w_shared_router is not None:
+            raise ValueError(f"a shared-expert router is only used with 2 or more shared experts, got n_shared={n_shared}.")
+        return None
+    if w_shared_router is None:
+        raise ValueError(f"{n_shared} shared experts need their router w_shared_router f32[D, {n_shared}].")
+    chex.assert_shape(w_shared_router, (x.shape[-1], n_shared))
+    return jax.nn.softmax(router_logits(x, w_shared_router), axis=-1)
+
+
 def route_tokens(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
-                 routed_top_k: int, n_shared: int) -> tuple[Array, Array, routing.RoutingStats]:
+                 routed_top_k: int, n_shared: int,
+                 w_shared_router: Array | None = None) -> tuple[Array, Array, routing.RoutingStats]:
     """Routing of one layer with the shared experts appended.
 
-    x: [B, S, D]; segment_ids: i32[B, S]; pool_sizes: i32[B, G] or None.
+    x: [B, S, D]; segment_ids: i32[B, S]; pool_sizes: i32[B, G] or None;
+    w_router: f32[D, N]; w_shared_router: f32[D, n_s] when n_s >= 2, else None.
     Returns expert ids i32[B, S, K + n_s], gates f32[B, S, K + n_s], stats.
     """
+    chex.assert_rank(x, 3)
+    chex.assert_shape(segment_ids, x.shape[:2])
+    chex.assert_type(segment_ids, int)
+    chex.assert_shape(w_router, (x.shape[-1], None))
     n_routed = w_router.shape[-1]
     r = routing.route(router_logits(x, w_router), segment_ids, routed_top_k, pool_sizes,
                       num_segments=segment_ids.shape[1] + 1)
-    ids, gates = routing.add_shared_experts(r.expert_ids, r.gates, n_routed, n_shared)
+    ids, gates = routing.add_shared_experts(r.expert_ids, r.gates, n_routed, n_shared,
+                                            shared_gates(x, w_shared_router, n_shared))
     return ids, gates, r.stats
 
 
 def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: Array,
               w_gate: Array, w_up: Array, w_down: Array, *, routed_top_k: int, n_shared: int,
+              w_shared_router: Array | None = None,
               ffn: Callable[..., Array] = reference.moe_ffn) -> tuple[Array, routing.RoutingStats]:
     """EMO MoE feed-forward on one device.
 
     x: [B, S, D]; segment_ids: i32[B, S] (0 = padding); pool_sizes: i32[B, S + 1] or
     None (standard MoE); w_router: f32[D, N]; w_gate, w_up: [E, D, H]; w_down: [E, H, D]
-    with experts N..E-1 shared. Returns (y [B, S, D], stats summed over these tokens).
+    with experts N..E-1 shared; w_shared_router: f32[D, n_s] for n_s >= 2 (their softmax
+    weights), else None (weight 1). Returns (y [B, S, D], stats summed over these tokens).
     """
     batch, seq, d_model = x.shape
-    ids, gates, stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared)
+    chex.assert_equal_shape([w_gate, w_up])
+    chex.assert_shape(w_gate, (None, d_model, None))
+    chex.assert_shape(w_down, (w_gate.shape[0], w_gate.shape[2], d_model))
+    chex.assert_equal(w_gate.shape[0], w_router.shape[-1] + n_shared)
+    ids, gates, stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared,
+                                     w_shared_router)
     k = ids.shape[-1]
     y = ffn(x.reshape(-1, d_model), ids.reshape(-1, k), gates.reshape(-1, k),
             (segment_ids > 0).reshape(-1), w_gate, w_up, w_down)
-    return y.reshape(batch, seq, d_model), stats
+    y = y.reshape(batch, seq, d_model)
+    chex.assert_shape(y, x.shape)
+    return y, stats
 
 
 def make_moe_layer(backend: str | kernels.MoEBackend = "auto") -> MoELayerFn:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -181,7 +182,17 @@ def route(
       from inside its pool); None = standard MoE (no pool, q = p).
     num_segments: G, static; defaults to pool_sizes.shape[1], else S + 1.
     """
+    # The public boundary: shapes and dtypes checked at trace time (chex, no runtime cost).
+    chex.assert_rank(logits, 3)
+    chex.assert_type(logits, float)
+    chex.assert_shape(segment_ids, logits.shape[:2])
+    chex.assert_type(segment_ids, int)
+    if pool_sizes is not None:
+        chex.assert_shape(pool_sizes, (logits.shape[0], None))
+        chex.assert_type(pool_sizes, int)
     batch, seq, n_routed = logits.shape
+    if not 0 < top_k <= n_routed:
+        raise ValueError(f"top_k={top_k} must be in [1, {n_routed}] (the routed experts of these logits).")
     if pool_sizes is not None:
         pool_sizes = jnp.maximum(pool_sizes, top_k)
         num_segments = pool_sizes.shape[1]
@@ -218,16 +229,24 @@ def pool_sizes_for_mode(
     raise ValueError(f"unknown pool mode {mode!r}; use 'none', 'fixed' or 'random'.")
 
 
-def add_shared_experts(expert_ids: Array, gates: Array, n_routed: int, n_shared: int) -> tuple[Array, Array]:
-    """Appends the shared experts (ids n_routed..E-1, gate exactly 1.0) to every token.
+def add_shared_experts(expert_ids: Array, gates: Array, n_routed: int, n_shared: int,
+                       shared_gates: Array | None = None) -> tuple[Array, Array]:
+    """Appends the shared experts (ids n_routed..E-1) to every token.
 
     expert_ids: i32[..., K]; gates: f32[..., K] -> i32[..., K + n_s], f32[..., K + n_s].
+    shared_gates: f32[..., n_s], the shared experts' weights (with n_s >= 2, the softmax of
+    the shared router's logits, as the official EMO model); None gives each gate exactly 1.0
+    (the only weight a single shared expert can have: a softmax over one logit is 1).
     """
     if n_shared == 0:
         return expert_ids, gates
     lead = expert_ids.shape[:-1]
     shared_ids = jnp.broadcast_to(jnp.arange(n_routed, n_routed + n_shared, dtype=jnp.int32),
                                   lead + (n_shared,))
-    shared_gates = jnp.ones(lead + (n_shared,), gates.dtype)
+    if shared_gates is None:
+        shared_gates = jnp.ones(lead + (n_shared,), gates.dtype)
+    else:
+        chex.assert_shape(shared_gates, lead + (n_shared,))
+        shared_gates = shared_gates.astype(gates.dtype)
     return (jnp.concatenate([expert_ids, shared_ids], axis=-1),
             jnp.concatenate([gates, shared_gates], axis=-1))

@@ -70,6 +70,17 @@ def test_cached_decoding_equals_full_recomputation(model):
     assert not np.array_equal(sampled.tokens, greedy.tokens)
 
 
+def test_cached_decoding_with_two_shared_experts():
+    """n_s = 2 (shared experts weighted by their own router's softmax) through the KV-cache path."""
+    config = tiny_config(*MODEL, "model.n_shared_experts=2")
+    params = random_params(config, seed=3, std=0.3)
+    assert params["layer_0"]["moe"]["shared_router"].shape == (32, 2)
+    greedy = generate(config, params, PROMPTS, SamplingConfig(max_new_tokens=NEW), return_logits=True)
+    for row, expected in enumerate(_recompute(config, params, PROMPTS, greedy.tokens)):
+        np.testing.assert_allclose(greedy.logits[row], expected, atol=1e-4, rtol=1e-5)
+        np.testing.assert_array_equal(greedy.tokens[row], expected.argmax(-1))
+
+
 def test_eos_stops_a_row(model):
     config, params = model
     first = generate(config, params, PROMPTS, SamplingConfig(max_new_tokens=NEW), return_logits=True)
@@ -187,3 +198,9 @@ def test_memory_estimate_matches_shapes(pruned):
     assert memory.kv_cache_bytes(m, 3, 20, 4) == kv
     rows = memory.memory_rows(dataclasses.replace(m, layer_experts=None), (8, 5), batch=1, seq_len=64)
     assert rows[0].param_bytes > rows[1].param_bytes and rows[0].kv_cache_bytes == rows[1].kv_cache_bytes
+
+
+def test_memory_estimate_counts_the_shared_router():
+    config = tiny_config(*MODEL, "model.n_shared_experts=2")
+    m = config.model
+    assert memory.param_count(m, m.expert_counts) == count_params(config).total

@@ -190,14 +190,17 @@ def torch_reference():
     return torch, ref
 
 
+@pytest.mark.parametrize("shared", [0, 1, 2], ids=["shared0", "shared1", "shared2"])
 @pytest.mark.parametrize("per_layer", [None, (8, 5)], ids=["full", "pruned"])
-def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
+def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer, shared):
+    """0, 1 and 2 shared experts (2: weighted by the softmax of their own router rows)."""
     torch, ref = torch_reference
-    hf = ref.emo_hf_config(per_layer=per_layer)
+    hf = ref.emo_hf_config(per_layer=per_layer, shared=shared)
     state = ref.random_state_dict(hf, seed=1)
     ref.save_checkpoint(tmp_path / "emo", hf, state)
     config, params = import_hf(tmp_path / "emo")
-    assert config.model.expert_counts == (per_layer or (8, 8))
+    assert config.model.expert_counts == (per_layer or (8, 8)) and config.model.n_shared_experts == shared
+    assert ("shared_router" in params["layer_0"]["moe"]) == (shared >= 2)
     rng = np.random.default_rng(0)
 
     # Rows 0-1 unpacked (one document each), row 2 packed: two documents and padding,
@@ -220,12 +223,131 @@ def test_logits_match_torch_reference(torch_reference, tmp_path, per_layer):
         np.testing.assert_allclose(logits[2, start:start + n], expected, atol=1e-4, rtol=0)
         start += n
 
-    # Export gives back the reference's tensors (shared router rows zeroed: they are unused).
+    # Export gives back the reference's tensors (one shared expert's router row is unused: zero).
     export_hf(params, config, tmp_path / "back", layout="emo")
     back = SafetensorsReader(tmp_path / "back")
     assert set(back.keys()) == set(state)
     for name, tensor in state.items():
         expected = tensor.numpy().copy()
-        if name.endswith("mlp.gate.weight"):
+        if name.endswith("mlp.gate.weight") and shared == 1:
             expected[-1] = 0.0
         np.testing.assert_array_equal(np.asarray(back.array(name)), expected, err_msg=name)
+
+
+# ------------------------------------------------------------------ issue 14 bugs
+
+
+def test_export_writes_a_pad_token_id_inside_the_vocabulary(tiny, tmp_path):
+    """The official EmoConfig defaults pad_token_id to 100277 and EmoModel builds
+    nn.Embedding(vocab_size, hidden, padding_idx=pad_token_id): export must name a valid id."""
+    config, params = tiny
+    export_hf(params, config, tmp_path / "a", layout="emo")
+    hf = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "pad_token_id" in hf and hf["pad_token_id"] is not None
+    assert 0 <= hf["pad_token_id"] < hf["vocab_size"]
+    torch = pytest.importorskip("torch")
+    torch.nn.Embedding(hf["vocab_size"], hf["hidden_size"], padding_idx=hf["pad_token_id"])  # what EmoModel does
+    export_hf(params, config, tmp_path / "b", layout="emo", pad_id=5)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["pad_token_id"] == 5
+    with pytest.raises(InteropError, match="pad_id=96"):
+        export_hf(params, config, tmp_path / "c", layout="emo", pad_id=96)
+
+
+def test_missing_num_shared_experts_means_zero(tiny, tmp_path):
+    """The official EmoConfig default is num_shared_experts=0."""
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    exported = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    del exported["num_shared_experts"]
+    assert hf_emo.model_fields(exported)["n_shared_experts"] == 0
+
+
+def test_export_to_emo_refuses_qk_norm(tmp_path):
+    """The official EMO class has no QK-norm: it would ignore q_norm/k_norm and compute other logits."""
+    config = tiny_config("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
+                         "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64", "model.qk_norm=true")
+    with pytest.raises(InteropError, match="cannot export to the EMO layout: qk_norm=true") as err:
+        export_hf(random_params(config), config, tmp_path / "qk", layout="emo")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "qk").exists()
+
+
+def test_truncated_safetensors_is_a_one_line_error(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "cut", layout="emo")
+    path = tmp_path / "cut" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated") as err:
+        import_hf(tmp_path / "cut")
+    assert "\n" not in str(err.value)
+
+
+def test_null_eos_token_id_round_trips_as_null(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "a", layout="emo")
+    path = tmp_path / "a" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": None}))
+    imported_config, imported = import_hf(tmp_path / "a")
+    assert imported_config.routing.eos_id is None
+    export_hf(imported, imported_config, tmp_path / "b", layout="emo")
+    back = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert "eos_token_id" in back and back["eos_token_id"] is None
+    assert 0 <= back["pad_token_id"] < back["vocab_size"]
+
+
+def test_cli_export_names_the_model_it_refuses_and_takes_a_pad_id(tmp_path, capsys):
+    from emo_jax import cli
+    from emo_jax.interop.model_io import save_converted
+    base = ("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
+            "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64")
+    config = tiny_config(*base)
+    save_converted(tmp_path / "plain", config, random_params(config))
+    assert cli.main(["convert", str(tmp_path / "plain"), str(tmp_path / "out"), "--to", "emo", "--pad-id", "3"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == 3
+    qk = tiny_config(*base, "model.qk_norm=true")
+    save_converted(tmp_path / "qk", qk, random_params(qk))
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "qk"), str(tmp_path / "qk_out"), "--to", "emo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "qk") in err and "qk_norm=true" in err
+    assert not (tmp_path / "qk_out").exists()
+
+
+def test_missing_eos_token_id_takes_the_official_default(tiny, tmp_path):
+    """EmoConfig defaults eos_token_id to 100257; outside a smaller vocabulary that id does not exist."""
+    from emo_jax.interop.convert import config_from_hf
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    hf = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    del hf["eos_token_id"]
+    assert config_from_hf(dict(hf, vocab_size=100352), hf_emo,
+                          overrides=["routing.pool=none"]).routing.eos_id == 100257
+    assert config_from_hf(hf, hf_emo).routing.eos_id == 0  # out of range: as before, 0
+
+
+def test_official_options_emo_jax_lacks_are_refused(tiny, tmp_path):
+    from emo_jax.interop import hf_emo
+    config, _ = tiny
+    hf = hf_emo.hf_config(config.model, config.model.expert_counts, "float32", 0)
+    for key, value, match in (("always_active_experts", [0], "always_active_experts"),
+                              ("num_shared_experts_per_layer", [1, 2], "num_shared_experts_per_layer"),
+                              ("num_experts_per_layer", [0, 8], "dense layers"),
+                              ("ghost_extend_eval", "true", "ghost_extend_eval")):
+        with pytest.raises(InteropError, match=match):
+            hf_emo.model_fields(dict(hf, **{key: value}))
+    hf_emo.model_fields(dict(hf, always_active_experts=None, ghost_extend_eval=False))
+
+
+def test_broken_index_and_missing_shard_name_the_file(tiny, tmp_path):
+    config, params = tiny
+    export_hf(params, config, tmp_path / "split", layout="emo", max_shard_bytes=64_000)
+    index = tmp_path / "split" / "model.safetensors.index.json"
+    shard = sorted((tmp_path / "split").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"{shard.name} is missing") as err:
+        import_hf(tmp_path / "split")
+    assert "\n" not in str(err.value)
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not a valid index"):
+        import_hf(tmp_path / "split")

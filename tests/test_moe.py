@@ -77,10 +77,11 @@ def np_routing_choices(x, seg, pool_sizes, wr, k_r):
     return mask, ids
 
 
-def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared):
+def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared, ws=None):
     """Reference MoE layer given the discrete choices: gates = pool-renormalised softmax
     of the router logits at the chosen experts (not renormalised over the top-k), shared
-    experts with gate 1, padding output 0. Differentiable in x and all weights."""
+    experts with gate 1 (or, given their router ws [D, n_s], the softmax of its logits),
+    padding output 0. Differentiable in x and all weights."""
     b_, s_, d = x.shape
     n = wr.shape[1]
     z = jnp.einsum("bsd,dn->bsn", x, wr, precision=HI)
@@ -88,7 +89,9 @@ def loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared):
     gates = jnp.take_along_axis(q, jnp.asarray(ids), axis=-1)
     shared = np.broadcast_to(np.arange(n, n + n_shared), (b_, s_, n_shared))
     all_ids = np.concatenate([ids, shared], -1)
-    all_gates = jnp.concatenate([gates, jnp.ones((b_, s_, n_shared))], -1)
+    shared_gates = (jnp.ones((b_, s_, n_shared)) if ws is None
+                    else jax.nn.softmax(jnp.einsum("bsd,dn->bsn", x, ws, precision=HI), axis=-1))
+    all_gates = jnp.concatenate([gates, shared_gates], -1)
     y = gathered_ffn(x.reshape(-1, d), all_ids.reshape(b_ * s_, -1), all_gates.reshape(b_ * s_, -1),
                  (seg > 0).reshape(-1), wg, wu, wd)
     return y.reshape(b_, s_, d)
@@ -249,22 +252,27 @@ def test_moe_layer_forward_and_grads_match_loop(n_shared, pooled):
     mask, ids = np_routing_choices(x, seg, pool_sizes, wr, k_r)
     assert not (ids == 4).any()
     ps = None if pool_sizes is None else jnp.asarray(pool_sizes)
+    # Two or more shared experts have their own router (softmax weights, as the official EMO).
+    ws = jnp.asarray(np.random.default_rng(7).normal(size=(LD, max(n_shared, 1))), jnp.float32)
+    use_ws = n_shared >= 2
 
-    def impl(x, wr, wg, wu, wd):
-        y, _ = moe.moe_layer(x, jnp.asarray(seg), ps, wr, wg, wu, wd, routed_top_k=k_r, n_shared=n_shared)
+    def impl(x, wr, wg, wu, wd, ws):
+        y, _ = moe.moe_layer(x, jnp.asarray(seg), ps, wr, wg, wu, wd, routed_top_k=k_r, n_shared=n_shared,
+                             w_shared_router=ws if use_ws else None)
         return jnp.sum(y * cot), y
 
-    def ref(x, wr, wg, wu, wd):
-        y = loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared)
+    def ref(x, wr, wg, wu, wd, ws):
+        y = loop_layer(x, seg, mask, ids, wr, wg, wu, wd, n_shared, ws if use_ws else None)
         return jnp.sum(y * cot), y
 
-    args = (x, wr, wg, wu, wd)
-    (_, y_impl), g_impl = jax.jit(jax.value_and_grad(impl, argnums=range(5), has_aux=True))(*args)
-    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref, argnums=range(5), has_aux=True))(*args)
+    args = (x, wr, wg, wu, wd, ws)
+    (_, y_impl), g_impl = jax.jit(jax.value_and_grad(impl, argnums=range(6), has_aux=True))(*args)
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(ref, argnums=range(6), has_aux=True))(*args)
     np.testing.assert_allclose(np.asarray(y_impl), np.asarray(y_ref), **TOL)
     assert np.all(np.asarray(y_impl)[seg == 0] == 0.0)
     assert_tree_close(g_impl, g_ref)
-    gx, gwr, gwg, gwu, gwd = map(np.asarray, g_impl)
+    gx, gwr, gwg, gwu, gwd, gws = map(np.asarray, g_impl)
+    assert (np.abs(gws).sum() > 0) == use_ws
     for g in (gwg, gwu, gwd):
         assert np.all(g[4] == 0.0)  # starved expert: exactly zero gradient
         assert np.all(np.abs(g[[0, 1, 2, 3]]).sum(axis=(1, 2)) > 0)
@@ -310,3 +318,28 @@ def test_routing_stats_router_z_ignores_nan_padding():
     args = (probs, lse_nan, seg > 0, None, seg, 5)
     st = routing.routing_stats(ids, *args)  # eager, op by op
     assert float(st.router_z_sum) == pytest.approx(1 + 4 + 9 + 3)
+
+
+def test_public_boundaries_check_shapes_and_dtypes():
+    """chex assertions at routing.route / moe.moe_layer: a wrong shape or dtype fails at trace
+    time naming the mismatch, instead of broadcasting into wrong results."""
+    x, seg, _, wr, wg, wu, wd, _, k_r = layer_case(2, False)
+    seg = jnp.asarray(seg)
+    ws = jnp.zeros((LD, 2), jnp.float32)
+    call = functools.partial(moe.moe_layer, routed_top_k=k_r, n_shared=2)
+    y, _ = jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd, w_shared_router=ws))
+    assert y.shape == x.shape
+    with pytest.raises(AssertionError):  # segment ids of another shape
+        jax.eval_shape(lambda: call(x, seg[:, :-1], None, wr, wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(AssertionError):  # float segment ids
+        jax.eval_shape(lambda: call(x, seg.astype(jnp.float32), None, wr, wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(AssertionError):  # shared router of the wrong width
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd, w_shared_router=ws[:, :1]))
+    with pytest.raises(AssertionError):  # w_down not [E, H, D]
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, jnp.swapaxes(wd, 1, 2), w_shared_router=ws))
+    with pytest.raises(AssertionError):  # router columns + shared != experts
+        jax.eval_shape(lambda: call(x, seg, None, wr[:, :-1], wg, wu, wd, w_shared_router=ws))
+    with pytest.raises(ValueError, match="need their router"):
+        jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd))
+    with pytest.raises(AssertionError):  # pool sizes for another batch
+        routing.route(jnp.zeros((LB, LS, 5)), seg, 2, jnp.full((LB + 1, LS + 1), 3, jnp.int32))

@@ -269,3 +269,26 @@ def test_real_ragged_all_to_all(emo_case, hot_case, shape):
     for case in (emo_case, hot_case):
         out = case.run(make_expert_parallel_moe(mesh, "ragged_all_to_all"), mesh)
         _assert_same(out, case.ref)
+
+
+def test_two_shared_experts_with_their_router_match_single_device():
+    """n_s = 2: the shared router (replicated) gives the same output and gradients as one device."""
+    n_shared, k_r = 2, 2
+    x, wr, wg, wu, wd, key = _inputs(n_shared, seed=3)
+    ws = jax.random.normal(key, (D, n_shared))
+    seg = jnp.asarray(_segments())
+
+    def loss_fn(fn):
+        def loss(x, wr, wg, wu, wd, ws):
+            y, _ = fn(x, seg, None, wr, wg, wu, wd, routed_top_k=k_r, n_shared=n_shared, w_shared_router=ws)
+            return jnp.sum(y * jnp.sin(y)), y
+        return jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))
+
+    (_, y_ref), g_ref = loss_fn(moe_layer)(x, wr, wg, wu, wd, ws)
+    mesh = _mesh((2, 1, 4))
+    with use_mesh(mesh):
+        (_, y), g = loss_fn(make_expert_parallel_moe(mesh, "all_to_all"))(x, wr, wg, wu, wd, ws)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=RTOL, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(g[5])).sum() > 0

@@ -3,7 +3,8 @@
 
 Written from that description, not from emo_jax: it reads a state dict with the EMO Hugging
 Face names and runs HF-style inference (no document pool: top-k_r over the routed
-experts, gates not renormalised, shared experts with weight 1). Experts are computed
+experts, gates not renormalised; the shared experts, the last n_s, weighted by a softmax over
+their own router rows' logits: weight 1 for one, nothing for none). Experts are computed
 densely (every expert on every token, weighted by a mostly-zero gate matrix), the
 simplest correct form. Supports pruned models via `num_experts_per_layer`.
 """
@@ -114,15 +115,18 @@ def _expert(x: torch.Tensor, sd: dict, p: str, e: int) -> torch.Tensor:
 def _moe(h: torch.Tensor, sd: dict, p: str, config: dict, layer: int) -> torch.Tensor:
     experts, shared = experts_in_layer(config, layer), config["num_shared_experts"]
     routed, k_r = experts - shared, config["num_experts_per_tok"] - shared
-    logits = h.float() @ sd[p + "mlp.gate.weight"][:routed].T  # shared rows have no logit
+    all_logits = h.float() @ sd[p + "mlp.gate.weight"].T
+    logits = all_logits[..., :routed]  # the routed experts' softmax excludes the shared rows
     probs = torch.softmax(logits, dim=-1)
     top_vals, top_ids = torch.topk(probs, k_r, dim=-1)
     gates = torch.zeros_like(probs).scatter(-1, top_ids, top_vals)  # not renormalised
     out = torch.zeros_like(h)
     for e in range(routed):
         out = out + gates[..., e:e + 1] * _expert(h, sd, p, e)
-    for e in range(routed, experts):
-        out = out + _expert(h, sd, p, e)
+    if shared:
+        shared_weights = torch.softmax(all_logits[..., routed:], dim=-1)  # exactly 1.0 when n_s = 1
+        for j, e in enumerate(range(routed, experts)):
+            out = out + shared_weights[..., j:j + 1] * _expert(h, sd, p, e)
     return out
 
 

@@ -27,7 +27,7 @@ from emo_jax.config import Config, ConfigError, _merge, config_from_dict, parse_
 from emo_jax.interop import hf_emo, hf_olmoe
 from emo_jax.interop.hf_common import CONFIG_FILE, InteropError, read_hf_config
 from emo_jax.interop.safetensors_io import SafetensorsReader, write_checkpoint
-from emo_jax.interop.tensor_map import Source, hf_names, read_region, to_hf
+from emo_jax.interop.tensor_map import Source, hf_names, merge_rows, read_region, to_hf
 
 LAYOUTS: dict[str, ModuleType] = {hf_olmoe.NAME: hf_olmoe, hf_emo.NAME: hf_emo}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
@@ -59,10 +59,13 @@ def params_expert_counts(params: dict, n_layers: int) -> tuple[int, ...]:
                            "the parameter tree of an emo_jax model with its own config.") from None
 
 
-def _eos_id(hf: dict, vocab_size: int) -> int:
+def _eos_id(hf: dict, vocab_size: int) -> int | None:
+    """The first eos_token_id; None when config.json has none (null or [] survive a round trip)."""
     eos = hf.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    if eos is None:
+        return None
     return int(eos) if isinstance(eos, int) and 0 <= eos < vocab_size else 0
 
 
@@ -82,6 +85,8 @@ def config_from_hf(hf: dict, layout: ModuleType, overrides: Sequence[str] = (), 
         routing = dict(pool="random", pool_min=min(k_r + 1, n_r), pool_max=model["n_experts"], eval_pool="none")
     else:
         routing = dict(pool="none", eval_pool="none")
+    if "eos_token_id" not in hf and getattr(layout, "DEFAULT_EOS_ID", None) is not None:
+        hf = dict(hf, eos_token_id=layout.DEFAULT_EOS_ID)  # the official config's default
     routing["eos_id"] = _eos_id(hf, model["vocab_size"])
     values = {"name": name, "model": model, "routing": routing,
               "data": {"seq_len": min(128, model["max_seq_len"])}}
@@ -191,12 +196,13 @@ def _to_host(x) -> np.ndarray:
 
 
 def export_hf(params: dict, config: Config, directory: str | Path, layout: str = "emo",
-              dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> list[Path]:
+              dtype: str | None = None, max_shard_bytes: int = 4 << 30, pad_id: int | None = None) -> list[Path]:
     """Writes config.json + safetensors for `params` in the `layout` ("emo" or "olmoe").
 
     dtype: "float32" / "bfloat16" / "float16" to cast on export; None keeps each
     parameter's dtype. Expert counts come from the parameter shapes (pruned models
-    write `num_experts_per_layer`; only the EMO layout has it).
+    write `num_experts_per_layer`; only the EMO layout has it). pad_id: the
+    `pad_token_id` to write (EMO default: routing.eos_id, else 0; always < vocab_size).
     """
     if layout not in LAYOUTS:
         raise InteropError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}.")
@@ -205,9 +211,12 @@ def export_hf(params: dict, config: Config, directory: str | Path, layout: str =
     module = LAYOUTS[layout]
     params = nn.meta.unbox(params)
     m = config.model
+    if pad_id is not None and not 0 <= pad_id < m.vocab_size:
+        raise InteropError(f"pad_id={pad_id} is not a token id of this model (vocab_size={m.vocab_size}); "
+                           "pass one in [0, vocab_size).")
     counts = params_expert_counts(params, m.n_layers)
     dtype_name = dtype or str(np.dtype(params["embedding"].dtype))
-    hf = module.hf_config(m, counts, dtype_name, config.routing.eos_id)  # fails early for unexportable models
+    hf = module.hf_config(m, counts, dtype_name, config.routing.eos_id, pad_id)  # fails early for unexportable models
     sources = module.sources(m, counts)
     flat = _flat(params)
     if set(flat) != set(sources):
@@ -221,12 +230,24 @@ def export_hf(params: dict, config: Config, directory: str | Path, layout: str =
                                f"implies {list(src.shape)}.")
     out_dtype = EXPORT_DTYPES[dtype] if dtype else None
 
+    parts_of: dict[str, int] = {}
+    for src in sources.values():
+        for part in hf_names(src):
+            parts_of[part.name] = parts_of.get(part.name, 0) + 1
+
     def tensors():
+        pending: dict[str, list] = {}  # HF tensors fed by several emo arrays (EMO router rows)
         for path, src in sources.items():
             host = _to_host(flat[path])
             if out_dtype is not None:
                 host = host.astype(out_dtype)
-            yield from to_hf(src, host)
+            for (name, hf), part in zip(to_hf(src, host), hf_names(src)):
+                if parts_of[name] == 1:
+                    yield name, hf
+                    continue
+                pending.setdefault(name, []).append((part, hf))
+                if len(pending[name]) == parts_of[name]:
+                    yield name, merge_rows(pending.pop(name))
 
     directory = Path(directory)
     files = write_checkpoint(directory, tensors(), max_shard_bytes)

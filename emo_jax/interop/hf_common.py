@@ -113,7 +113,8 @@ def decoder_sources(m: ModelConfig, expert_counts: tuple[int, ...], names: Layer
     """{emo param path: source} for the whole decoder.
 
     expert_counts[l]: experts E_l in layer l (shared last); router_rows[l]: rows of the
-    stored `mlp.gate.weight` (E_l for EMO, whose shared rows are unused; E_l for OLMoE).
+    stored `mlp.gate.weight` (E_l for EMO; E_l for OLMoE). EMO's shared rows are unused
+    for one shared expert (weight 1) and are the `shared_router` for two or more.
     """
     d, h, dh, hm = m.d_model, m.n_heads, m.head_dim, m.expert_hidden
     out: dict[tuple[str, ...], Source] = {("embedding",): identity("model.embed_tokens.weight", (m.vocab_size, d))}
@@ -135,6 +136,10 @@ def decoder_sources(m: ModelConfig, expert_counts: tuple[int, ...], names: Layer
                                                                   (h, dh), (2,), (0, 1))
         out[base + ("moe", "router")] = FromHF(p + "mlp.gate.weight", (router_rows[layer], d), (n_routed, d),
                                                (1, 1), (1, 0), rows=n_routed)
+        if m.n_shared_experts >= 2:  # the shared experts' own router: the last n_s rows
+            n_s = m.n_shared_experts
+            out[base + ("moe", "shared_router")] = FromHF(p + "mlp.gate.weight", (router_rows[layer], d), (n_s, d),
+                                                          (1, 1), (1, 0), rows=n_s, row_offset=n_routed)
         for emo_name, hf_name, hf_shape in (("w_gate", "gate_proj", (hm, d)), ("w_up", "up_proj", (hm, d)),
                                             ("w_down", "down_proj", (d, hm))):
             out[base + ("moe", emo_name)] = Stacked(tuple(

@@ -51,11 +51,12 @@ def check_exportable(m: ModelConfig, expert_counts: tuple[int, ...]) -> None:
         raise InteropError("cannot export to the OLMoE layout: " + "; ".join(problems) + ".")
 
 
-def hf_config(m: ModelConfig, expert_counts: tuple[int, ...], dtype: str, eos_id: int | None) -> dict:
+def hf_config(m: ModelConfig, expert_counts: tuple[int, ...], dtype: str, eos_id: int | None,
+              pad_id: int | None = None) -> dict:
     check_exportable(m, expert_counts)
     return dict(common_hf_fields(m, dtype), architectures=[ARCHITECTURE], model_type="olmoe",
                 num_experts=expert_counts[0], clip_qkv=None, output_router_logits=False,
-                router_aux_loss_coef=0.01, eos_token_id=eos_id, pad_token_id=None, bos_token_id=None)
+                router_aux_loss_coef=0.01, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
 
 
 def sources(m: ModelConfig, expert_counts: tuple[int, ...]) -> dict[tuple[str, ...], Source]:

@@ -13,6 +13,7 @@ with the `model.safetensors.index.json` that transformers expects.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,8 +46,39 @@ def _read_header(path: Path) -> tuple[dict, int]:
         (length,) = struct.unpack("<Q", raw)
         if length > 100_000_000:
             raise SafetensorsError(f"{path} has an implausible header length {length}; the file is corrupt.")
-        header = json.loads(f.read(length))
+        raw_header = f.read(length)
+        if len(raw_header) != length:
+            raise SafetensorsError(f"{path} is truncated: its header needs {length} bytes but the file ends after "
+                                   f"{len(raw_header)}; re-download or re-export it.")
+        try:
+            header = json.loads(raw_header)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SafetensorsError(f"{path} has a header that is not valid JSON; the file is corrupt.") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} has a header that is not a JSON object; the file is corrupt.")
     return header, 8 + length
+
+
+def _check_entries(path: Path, entries: dict, data_start: int) -> None:
+    """Every tensor's byte range is well formed, matches its shape and lies inside the file."""
+    size = path.stat().st_size
+    for name, entry in entries.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            shape = [int(n) for n in entry["shape"]]
+            code = entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: tensor '{name}' has a malformed header entry; the file is corrupt.") \
+                from None
+        if not 0 <= begin <= end or any(n < 0 for n in shape):
+            raise SafetensorsError(f"{path}: tensor '{name}' has invalid data_offsets [{begin}, {end}]; "
+                                   "the file is corrupt.")
+        if code in DTYPES and end - begin != math.prod(shape) * DTYPES[code].itemsize:
+            raise SafetensorsError(f"{path}: tensor '{name}' holds {end - begin} bytes but shape {shape} of "
+                                   f"{code} needs {math.prod(shape) * DTYPES[code].itemsize}; the file is corrupt.")
+        if data_start + end > size:
+            raise SafetensorsError(f"{path} is truncated: tensor '{name}' ends at byte {data_start + end} but the "
+                                   f"file has {size} bytes; re-download or re-export it.")
 
 
 class SafetensorsFile:
@@ -56,6 +88,7 @@ class SafetensorsFile:
         self.path = Path(path)
         header, self._data_start = _read_header(self.path)
         self.metadata: dict = header.pop("__metadata__", None) or {}
+        _check_entries(self.path, header, self._data_start)
         self._entries: dict = header
         self._map: np.memmap | None = None
 
@@ -88,8 +121,17 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {f: SafetensorsFile(directory / f) for f in sorted(set(weight_map.values()))}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise SafetensorsError(f"{index} is not a valid index (JSON with a 'weight_map' of tensor -> "
+                                       "file); re-download or re-export the checkpoint.") from None
+            for f in files:
+                if not (directory / f).is_file():
+                    raise SafetensorsError(f"{directory / f} is missing (listed in {index}); the checkpoint is "
+                                           "incomplete: re-download or re-export it.")
+            files = {f: SafetensorsFile(directory / f) for f in files}
             self._where = {name: files[f] for name, f in weight_map.items()}
         elif (directory / SINGLE_FILE).is_file():
             single = SafetensorsFile(directory / SINGLE_FILE)

@@ -31,6 +31,9 @@ class FromHF:
     (e.g. q_proj [H*Dh, D] -> split (H, Dh, D), groups (2, 1)). perm[i]: the split
     axis that emo axis i is. rows: keep the first `rows` entries of HF axis 0 (the
     EMO router has an unused row per shared expert); export pads them with zeros.
+    row_offset: the kept rows start there (the EMO shared router: the last n_s rows of
+    `mlp.gate.weight`, when n_s >= 2); the same HF tensor then feeds two emo arrays and
+    export merges their rows (`merge_rows`).
     """
 
     name: str
@@ -39,11 +42,14 @@ class FromHF:
     groups: tuple[int, ...]
     perm: tuple[int, ...]
     rows: int | None = None
+    row_offset: int = 0
 
     def __post_init__(self):
         assert sum(self.groups) == len(self.split) == len(self.perm), self
         assert len(self.groups) == len(self.hf_shape), self
         assert math.prod(self.split) == math.prod(self._kept_shape()), self
+        assert self.row_offset == 0 or self.rows is not None, self
+        assert self.row_offset + (self.rows or 0) <= self.hf_shape[0], self
 
     def _kept_shape(self) -> tuple[int, ...]:
         if self.rows is None:
@@ -109,6 +115,8 @@ def _read_one(source: TensorSource, src: FromHF, index: tuple[slice, ...]) -> np
             region_split.append(src.split[a])
             inner_index.append(view_index[a])
         axis += count
+    if src.row_offset:
+        hf_index[0] = slice(hf_index[0].start + src.row_offset, hf_index[0].stop + src.row_offset)
     hf = source.array(src.name)[tuple(hf_index)]
     view = np.asarray(hf).reshape(region_split)[tuple(inner_index)]
     return np.ascontiguousarray(view.transpose(src.perm))
@@ -130,9 +138,21 @@ def to_hf(src: Source, emo: np.ndarray) -> list[tuple[str, np.ndarray]]:
     kept = src._kept_shape()
     hf = np.ascontiguousarray(np.transpose(emo, np.argsort(src.perm))).reshape(kept)
     if src.rows is not None and src.rows < src.hf_shape[0]:
-        pad = np.zeros((src.hf_shape[0] - src.rows,) + kept[1:], hf.dtype)
-        hf = np.concatenate([hf, pad], axis=0)
+        full = np.zeros(src.hf_shape, hf.dtype)
+        full[src.row_offset:src.row_offset + src.rows] = hf
+        hf = full
     return [(src.name, hf)]
+
+
+def merge_rows(parts: list[tuple[FromHF, np.ndarray]]) -> np.ndarray:
+    """One HF tensor from several row-range parts (each array full-size, from `to_hf`):
+    rows a part owns are copied from it, the rest stay zero."""
+    out = np.zeros(parts[0][0].hf_shape, parts[0][1].dtype)
+    for src, hf in parts:
+        if src.rows is None:
+            raise ValueError(f"tensor '{src.name}' is mapped whole more than once")
+        out[src.row_offset:src.row_offset + src.rows] = hf[src.row_offset:src.row_offset + src.rows]
+    return out
 
 
 def hf_names(src: Source) -> list[FromHF]:

@@ -24,7 +24,10 @@ def pool_sizes_for(cfg: RoutingConfig, train: bool, key, batch: int, num_segment
 
 
 class MoEBlock(nn.Module):
-    """EMO MoE feed-forward. Experts n_r..E-1 are the shared ones (gate 1).
+    """EMO MoE feed-forward. Experts n_r..E-1 are the shared ones: weight 1 for one shared
+    expert; with n_s >= 2 a softmax over their own router `shared_router` f32[D, n_s]
+    (as the official EMO model; the parameter exists only when n_s >= 2, so models with
+    0 or 1 shared experts keep their parameter tree).
 
     Pool sizes come from the 'routing' RNG stream; Flax folds the module path into
     it, so every layer draws its own sizes from the step's key. `n_experts` is this
@@ -51,12 +54,18 @@ class MoEBlock(nn.Module):
         w_gate = param_with_axes(self, "w_gate", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))
         w_up = param_with_axes(self, "w_up", init, (e, d, h), pdtype, ("exp", "embed", "mlp"))
         w_down = param_with_axes(self, "w_down", init, (e, h, d), pdtype, ("exp", "mlp", "embed"))
+        w_shared_router = None
+        if cfg.n_shared_experts >= 2:
+            w_shared_router = param_with_axes(self, "shared_router", init, (d, cfg.n_shared_experts), jnp.float32,
+                                              ("embed", "router_exp"))
 
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "router_logits", router_logits(x.astype(dtype), w_router))
         batch, seq = segment_ids.shape
         key = self.make_rng("routing") if (train and self.routing_config.pool == "random") else None
         pool_sizes = pool_sizes_for(self.routing_config, train, key, batch, seq + 1)
+        # Passed only when it exists, so MoE functions written for 0-1 shared experts still fit.
+        extra = {} if w_shared_router is None else {"w_shared_router": w_shared_router}
         return self.moe_fn(x.astype(dtype), segment_ids, pool_sizes, w_router,
                            w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
-                           routed_top_k=cfg.routed_top_k, n_shared=cfg.n_shared_experts)
+                           routed_top_k=cfg.routed_top_k, n_shared=cfg.n_shared_experts, **extra)

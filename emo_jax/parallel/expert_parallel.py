@@ -204,8 +204,10 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
     batch_spec = P(BATCH_AXES)
     stats_spec = RoutingStats(*([P() if stats == "global" else batch_spec] * len(RoutingStats._fields)))
 
-    def body(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, *, routed_top_k, n_shared):
-        ids, gates, layer_stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared)
+    def body(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router, *, routed_top_k,
+             n_shared):
+        ids, gates, layer_stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared,
+                                               w_shared_router)
         b, s, d = x.shape
         k = ids.shape[-1]
         y = expert_parallel_ffn(x.reshape(-1, d), ids.reshape(-1, k), gates.reshape(-1, k),
@@ -218,7 +220,8 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
             layer_stats = _stack_per_shard(layer_stats)
         return y.reshape(b, s, d), layer_stats
 
-    def moe_fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, *, routed_top_k, n_shared):
+    def moe_fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, *, routed_top_k, n_shared,
+               w_shared_router=None):
         if w_gate.shape[0] % n_peers:
             raise ValueError(f"{w_gate.shape[0]} experts do not divide over the expert axis of size {n_peers}.")
         if x.shape[0] % _batch_shards(mesh):
@@ -226,11 +229,11 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
                              f"{_batch_shards(mesh)} batch shards (data x fsdp x expert).")
         expert_spec = P(EXPERT_AXIS)
         in_specs = (batch_spec, batch_spec, None if pool_sizes is None else batch_spec, P(),
-                    expert_spec, expert_spec, expert_spec)
+                    expert_spec, expert_spec, expert_spec, None if w_shared_router is None else P())
         fn = compat.shard_map(
             functools.partial(body, routed_top_k=routed_top_k, n_shared=n_shared),
             mesh=mesh, in_specs=in_specs, out_specs=(batch_spec, stats_spec), check_vma=True)
-        return fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down)
+        return fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router)
 
     return moe_fn
 
