@@ -8,41 +8,20 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from emo_jax.config import Config
-from emo_jax.model.moe_block import pool_sizes_for
-from emo_jax.modular import probe
 from emo_jax.specialisation import (  # noqa: F401  (re-exported: the analysis API)
     SCALAR_METRICS, cosine_matrix, document_routing, experts_for_mass, format_summary, layer_summary,
     mean_off_diagonal, scalar_metrics, summarise)
 
-Array = jax.Array
-
-
-def collect(config: Config, params: Any, batches: Sequence[dict], rows: int) -> list[dict[str, np.ndarray]]:
-    """Per layer: mean_probs [rows, N_l], used bool[rows, N_l], counts [rows, N_l]."""
-    out = None
-    for batch in batches:
-        _, router = probe.router_logits(config, params, batch)
-        seg = jnp.asarray(batch["segment_ids"])
-        pools = pool_sizes_for(config.routing, False, None, seg.shape[0], seg.shape[1] + 1)
-        per_layer = [jax.device_get(document_routing(z, seg, config.model.routed_top_k, pools)) for z in router]
-        if out is None:
-            out = [{"mean_probs": [], "used": [], "counts": []} for _ in per_layer]
-        for acc, (p, u, c) in zip(out, per_layer):
-            acc["mean_probs"].append(p)
-            acc["used"].append(u)
-            acc["counts"].append(c)
-    return [{k: np.concatenate(v)[:rows] for k, v in acc.items()} for acc in out]
-
 
 def write_tables(summary: dict[str, Any], out: Path) -> list[Path]:
-    """analysis.json plus CSV tables (cosine, usage, set sizes)."""
+    """analysis.json plus CSV tables (cosines, usage, experts for 90% of routing)."""
     out.mkdir(parents=True, exist_ok=True)
     domains = summary["domains"]
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
@@ -129,8 +108,11 @@ def plot(summary: dict[str, Any], out: Path, title: str = "") -> list[Path]:
 
 def analyze_documents(config: Config, params: Any, texts_by_domain: dict[str, list[str]],
                       batch_size: int | None = None) -> dict[str, Any]:
-    """The summary for documents grouped by domain (one row per document)."""
+    """The summary for documents grouped by domain (one row per document), with the same
+    routing step as the training loop's validation (train/evaluate.py)."""
+    from emo_jax.model import build_model
     from emo_jax.modular.documents import one_document_per_row, tokenizer_for
+    from emo_jax.train.evaluate import make_routing_step, routing_summary
     tok = tokenizer_for(config)
     domains = list(texts_by_domain)
     tokens, doc_domains = [], []
@@ -139,6 +121,8 @@ def analyze_documents(config: Config, params: Any, texts_by_domain: dict[str, li
             if t.size:
                 tokens.append(t)
                 doc_domains.append(d)
-    batches, rows = one_document_per_row(tokens, tok.eos_id, tok.pad_id, config.data.seq_len,
-                                         batch_size or config.data.global_batch_size)
-    return summarise(collect(config, params, batches, rows), np.asarray(doc_domains), domains)
+    batches, _ = one_document_per_row(tokens, tok.eos_id, tok.pad_id, config.data.seq_len,
+                                      batch_size or config.data.global_batch_size)
+    step = jax.jit(make_routing_step(build_model(config), config))
+    return routing_summary(step, params, batches, np.asarray(doc_domains), tuple(domains),
+                           lambda batch: {k: jnp.asarray(v) for k, v in batch.items()})
