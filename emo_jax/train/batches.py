@@ -6,13 +6,16 @@ so a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import jax
 import numpy as np
 
 from emo_jax.config import Config, ConfigError
 from emo_jax.synthetic import packed_batch
+
+if TYPE_CHECKING:
+    from emo_jax.train.eval_sample import EvalSample
 
 
 class BatchSource(Protocol):
@@ -25,22 +28,26 @@ class BatchSource(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
+def synthetic_batch(config: Config, key: list[int], rows: int) -> dict:
+    """Packed synthetic documents, [rows, seq_len], a pure function of (data.seed, *key)."""
+    rng = np.random.default_rng([config.data.seed, *key])
+    batch = packed_batch(rng, rows, config.data.seq_len, config.model.vocab_size, pad_fraction=0.0)
+    batch["domain_ids"] = np.where(batch["segment_ids"] > 0, 0, -1).astype(np.int32)
+    return batch
+
+
 class SyntheticBatches:
-    """Batch i is a pure function of (seed, i, host): resuming only needs i."""
+    """Training batch i is a pure function of (seed, i, host): resuming only needs i."""
 
     domains = ("synthetic",)
 
-    def __init__(self, config: Config, split: str = "train"):
+    def __init__(self, config: Config):
         self.config = config
         self.index = 0
-        self.salt = 0 if split == "train" else 1_000_003
 
     def __next__(self) -> dict:
-        c = self.config
-        rng = np.random.default_rng([c.data.seed, self.salt, self.index, jax.process_index()])
-        rows = c.data.global_batch_size // jax.process_count()
-        batch = packed_batch(rng, rows, c.data.seq_len, c.model.vocab_size, pad_fraction=0.0)
-        batch["domain_ids"] = np.where(batch["segment_ids"] > 0, 0, -1).astype(np.int32)
+        rows = self.config.data.global_batch_size // jax.process_count()
+        batch = synthetic_batch(self.config, [0, self.index, jax.process_index()], rows)
         self.index += 1
         return batch
 
@@ -97,18 +104,13 @@ def train_batches(config: Config) -> BatchSource:
     return PipelineBatches(config)
 
 
-def eval_sample(config: Config) -> "EvalSample":  # noqa: F821
+def eval_sample(config: Config) -> "EvalSample":
     """The run's fixed validation sample (train/eval_sample.py); for synthetic data,
     train.eval_batches global batches of the validation stream and no routing rows."""
     from emo_jax.train.eval_sample import EvalSample, build_eval_sample
     if config.data.dataset != "synthetic":
         return build_eval_sample(config)
-    c = config.data
-    batches = []
-    for i in range(config.train.eval_batches):
-        rng = np.random.default_rng([c.seed, 1_000_003, i])
-        batch = packed_batch(rng, c.global_batch_size, c.seq_len, config.model.vocab_size, pad_fraction=0.0)
-        batch["domain_ids"] = np.where(batch["segment_ids"] > 0, 0, -1).astype(np.int32)
-        batches.append(batch)
-    return EvalSample(domains=SyntheticBatches.domains, loss_batches=tuple(batches), routing_batches=(),
+    batches = tuple(synthetic_batch(config, [1_000_003, i], config.data.global_batch_size)
+                    for i in range(config.train.eval_batches))  # global batches; host_rows slices them
+    return EvalSample(domains=SyntheticBatches.domains, loss_batches=batches, routing_batches=(),
                       routing_domains=np.zeros((0,), np.int32))
