@@ -1,9 +1,8 @@
 """EMO's effect at CPU scale, as a regression test (marked slow: minutes of training).
 
-Trains EMO and its standard-MoE twin briefly (100 steps each, ~6 minutes in all on 2
-cores) on the bundled corpus (`emo-jax data build` must have run; the test skips
-otherwise) and checks the direction of the effect with margins measured over 3 seeds of
-exactly this run (BUILD_NOTES.md, "Reproduction"):
+Trains EMO and its standard-MoE twin briefly on the bundled corpus (`emo-jax data build`
+must have run; the test skips otherwise) and checks the direction of the effect with
+margins measured over several seeds (BUILD_NOTES.md, "Reproduction"):
 - pruned to K = E/8 selected experts, EMO's held-out loss rises by less than
   MAX_DELTA_RATIO times the standard MoE's;
 - EMO's centred domain cosine (final checkpoint) is below the standard MoE's in the mean
@@ -23,9 +22,9 @@ from emo_jax.modular import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data_cache"
-STEPS = 100  # a third of the shipped configs/reproduce_cpu.yaml run
-MAX_DELTA_RATIO = 0.5  # measured 0.18, 0.25, 0.28 (seeds 0-2)
-MIN_COSINE_GAP = 0.05  # measured 0.21, 0.15, 0.15 (seeds 0-2)
+STEPS = 300  # the shipped configs/reproduce_cpu.yaml run
+MAX_DELTA_RATIO = 0.5
+MIN_COSINE_GAP = 0.1
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +33,10 @@ def test_emo_prunes_better_and_specialises_more_than_the_standard_moe(tmp_path):
     if not any(DATA.glob("emo_corpus/*/*/dataset_info.json")):
         pytest.skip("the bundled corpus is not built: run `emo-jax data build` first")
     config = load_config(ROOT / "configs" / "reproduce_cpu.yaml",
-                         [f"data.data_dir={DATA}", f"train.steps={STEPS}", f"train.checkpoint_every={STEPS}",
-                          f"train.run_dir={tmp_path}"])
+                         [f"data.data_dir={DATA}", f"train.steps={STEPS}", f"train.run_dir={tmp_path}"])
     e = config.model.n_experts
-    # = `emo-jax reproduce --config configs/reproduce_cpu.yaml --seeds 1 --keep 32,4 --random-seeds 1
-    #    --eval-batches 2 --analysis-docs 8 train.steps=100 train.checkpoint_every=100`
-    options = reproduce.Options(keep=(e, e // 8), seeds=1, random_seeds=1, eval_batches=2, analysis_docs=8)
-    result = reproduce.run(config, tmp_path, options, log=lambda s: None)
+    result = reproduce.run(config, tmp_path, reproduce.Options(keep=(e, e // 8), seeds=1, random_seeds=1),
+                           log=lambda s: None)
     head = result["headline"]
     assert head["K"] == e // 8
     assert head["stdmoe_selected_delta"] > 0, head
