@@ -10,9 +10,17 @@ from pathlib import Path
 from emo_jax.config import ConfigError, load_config
 
 
+def _config_of(path: str, overrides: list[str]):
+    """A config YAML, or the config of a model source (run dir, emo_jax model folder, HF folder)."""
+    if Path(path).is_file() and not str(path).endswith(".json"):
+        return load_config(path, overrides)
+    from emo_jax import artifact
+    return artifact.read_config(path, overrides)[0]
+
+
 def _params(args) -> int:
     from emo_jax.param_count import count_params, format_counts
-    config = load_config(args.config, args.overrides)
+    config = _config_of(args.config, args.overrides)
     print(format_counts(config.name, count_params(config)))
     return 0
 
@@ -91,39 +99,36 @@ def _data(args) -> int:
 
 
 def _convert(args) -> int:
-    """HF -> emo_jax (config.yaml + params/, sharded onto config.mesh), or emo_jax -> HF."""
-    from pathlib import Path
-    from emo_jax.interop import convert, model_io
-    source_is_hf = (Path(args.source) / "config.json").is_file()
-    target = args.to or ("emo_jax" if source_is_hf else "emo")
+    """Any model source -> an emo_jax model folder (--to emo_jax) or a Hugging Face folder (--to emo|olmoe)."""
+    from emo_jax import artifact
+    from emo_jax.interop import convert
+    source = artifact.resolve(args.source)
+    target = args.to or ("emo_jax" if source.kind == "hf" else "emo")
     if target == "emo_jax":
-        if not source_is_hf:
-            raise convert.InteropError(f"{args.source} has no config.json; --to emo_jax imports Hugging Face "
-                                       "checkpoints (use --to emo or --to olmoe to export an emo_jax model).")
-        config, params = convert.import_hf(args.source, layout=args.layout, overrides=args.overrides,
-                                           mesh_from_config=True)
-        model_io.save_converted(args.out, config, params)
-        model_io.copy_tokenizer_files(args.source, args.out)
-        print(f"converted {args.source} ({config.model.n_layers} layers, experts per layer "
-              f"{list(config.model.expert_counts)}) -> {args.out}")
+        # A Hugging Face folder is read shard by shard onto config.mesh (overridable, e.g. mesh.expert=8).
+        loaded = artifact.load(args.source, mesh="config" if source.kind == "hf" else None,
+                               overrides=args.overrides, layout=args.layout)
+        artifact.save(args.out, loaded.config, loaded.params)
+        artifact.copy_tokenizer_files(source.path, args.out)
+        print(f"converted {loaded.source.describe()} ({loaded.config.model.n_layers} layers, experts per layer "
+              f"{list(loaded.config.model.expert_counts)}) -> {args.out}")
         return 0
-    config, params = model_io.load_model(args.source, layout=args.layout, overrides=args.overrides)
+    loaded = artifact.load(args.source, overrides=args.overrides, layout=args.layout)
     try:
-        files = convert.export_hf(params, config, args.out, layout=target, dtype=args.dtype,
+        files = convert.export_hf(loaded.params, loaded.config, args.out, layout=target, dtype=args.dtype,
                                   max_shard_bytes=int(args.max_shard_gb * (1 << 30)), pad_id=args.pad_id)
     except convert.InteropError as err:  # name the model that cannot be exported
         raise convert.InteropError(f"{args.source}: {err}") from None
-    model_io.copy_tokenizer_files(args.source, args.out)
-    print(f"exported {args.source} to the {target} layout: {len(files)} safetensors file(s) in {args.out}")
+    artifact.copy_tokenizer_files(source.path, args.out)
+    print(f"exported {loaded.source.describe()} to the {target} layout: {len(files)} safetensors file(s) in {args.out}")
     return 0
 
 
 def _generate(args) -> int:
     """Continues text prompts (or token-id prompts) with a KV cache."""
-    from emo_jax import generate
-    from emo_jax.interop import model_io
-    config, params = model_io.load_model(args.model, layout=args.layout, overrides=args.overrides,
-                                         mesh_from_config=True)
+    from emo_jax import artifact, generate
+    loaded = artifact.load(args.model, mesh="config", overrides=args.overrides, layout=args.layout)
+    config, params = loaded.config, loaded.params
     tokenizer = generate.find_tokenizer(args.tokenizer, args.model, config, required=not args.prompt_ids)
     if args.prompt_ids:
         prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompt_ids]
@@ -144,8 +149,9 @@ def _generate(args) -> int:
 
 def _memory(args) -> int:
     from emo_jax.memory import format_table, memory_rows
-    config = load_config(args.config, args.overrides)
-    experts = tuple(args.experts or (config.model.n_experts,))
+    config = _config_of(args.config, args.overrides)
+    counts = config.model.expert_counts  # a pruned model: its own (uniform) count as well
+    experts = tuple(args.experts or dict.fromkeys((config.model.n_experts, max(counts), min(counts))))
     rows = memory_rows(config.model, experts, args.batch, args.seq_len or config.model.max_seq_len,
                        args.weight_dtype)
     print(format_table(config.name, rows, args.batch, args.seq_len or config.model.max_seq_len, args.weight_dtype))
@@ -156,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("params", help="print total and active parameter counts of a config")
-    p.add_argument("config")
+    p = sub.add_parser("params", help="print total and active parameter counts of a config or model")
+    p.add_argument("config", help="a config YAML, or a model: run dir[@step], emo_jax model folder, HF folder")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=_params)
 
@@ -178,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_data)
 
     p = sub.add_parser("convert", help="import a Hugging Face checkpoint (OLMoE/EMO) or export to one")
-    p.add_argument("source", help="HF checkpoint dir, emo-jax convert output, or training run_dir")
+    p.add_argument("source", help="a model: run dir[@step], emo_jax model folder or Hugging Face folder")
     p.add_argument("out", help="output directory")
     p.add_argument("--to", choices=["emo_jax", "emo", "olmoe"],
-                   help="emo_jax (default for an HF source), or the HF layout to export (default emo)")
+                   help="emo_jax: a model folder (default for an HF source), or the HF layout to export (default emo)")
     p.add_argument("--layout", choices=["auto", "olmoe", "emo"], default="auto", help="layout of an HF source")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="export dtype (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="split exported safetensors above this size")
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_convert)
 
     p = sub.add_parser("generate", help="generate text with a KV cache (full or pruned model)")
-    p.add_argument("model", help="HF checkpoint dir, emo-jax convert output, or training run_dir")
+    p.add_argument("model", help="a model: run dir[@step], emo_jax model folder or Hugging Face folder")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids '1 2 3' (no tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: MODEL/tokenizer.json or data.tokenizer)")
@@ -204,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_generate)
 
     p = sub.add_parser("memory", help="parameter bytes and peak inference memory, full and pruned")
-    p.add_argument("config")
+    p.add_argument("config", help="a config YAML, or a model: run dir[@step], emo_jax model folder, HF folder")
     p.add_argument("--experts", type=int, nargs="+", help="experts per layer to tabulate, e.g. 128 32 16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, help="tokens per row (default: model.max_seq_len)")

@@ -174,6 +174,11 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     run_dir: str = "runs/default"
+    # Start a new run from an existing model's parameters (fine-tuning): a run directory
+    # (RUN_DIR or RUN_DIR@STEP), an emo_jax model folder or a Hugging Face folder
+    # (docs/model_artifacts.md). The optimizer starts fresh at step 0; its model section
+    # must equal this config's. Ignored when run_dir already holds a checkpoint (resume).
+    init_from: str = ""
     progress_bar: bool = True
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
+from emo_jax.artifact import abstract_params
 from emo_jax.config import Config
-from emo_jax.model import build_model
 
 EMBEDDING_PARAMS = ("embedding", "lm_head")
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
@@ -32,22 +30,10 @@ class ParamCounts:
         return self.active - self.embedding
 
 
-def abstract_params(config: Config) -> dict:
-    """Shapes and dtypes of the parameters, without allocating them."""
-    model = build_model(config)
-    tokens = jax.ShapeDtypeStruct((1, min(8, config.model.max_seq_len)), jnp.int32)
-    variables = jax.eval_shape(
-        lambda key, tok: model.init({"params": key, "routing": key}, tok, train=False),
-        jax.random.PRNGKey(0), tokens)
-    return variables["params"]
-
-
 def count_params(config: Config) -> ParamCounts:
-    params = abstract_params(config)
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda p: p, params, is_leaf=lambda x: hasattr(x, "names")))
+    flat = traverse_util.flatten_dict(abstract_params(config))
     total = embedding = experts = active_experts = 0
-    for path, leaf in flat.items():
-        value = getattr(leaf, "value", leaf)
+    for path, value in flat.items():
         size = math.prod(value.shape)
         total += size
         if path[-1] in EMBEDDING_PARAMS:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emo_jax.model import build_model
-from emo_jax.param_count import abstract_params
+from emo_jax.artifact import abstract_params
 
 
 def random_params(config, seed: int = 0, std: float = 0.5) -> dict:
@@ -30,3 +30,20 @@ def _forward(config):
 def logits(config, params, tokens, segment_ids) -> np.ndarray:
     """float32 logits [B, S, V] of tokens/segment_ids [B, S] (no positions: per-document)."""
     return np.asarray(_forward(config)(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(segment_ids, jnp.int32)))
+
+
+def save_run_checkpoint(run_dir, config, params, step: int = 1, opt_state=None):
+    """A training run directory (run_dir/checkpoints/<step>) as `emo-jax train` writes it:
+    params, a real AdamW state (or `opt_state`), the step, an empty data state, the config."""
+    from emo_jax.train import make_optimizer
+    from emo_jax.train.checkpoint import Checkpointer
+    from emo_jax.train.step import TrainState
+    if opt_state is None:
+        opt_state = make_optimizer(config.optimizer, config.train.steps).init(params)
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+    checkpointer = Checkpointer(f"{run_dir}/checkpoints", every=1, keep=100)
+    try:
+        checkpointer.save(step, state, {}, config, seed=0, force=True)
+    finally:
+        checkpointer.close()
+    return run_dir

@@ -263,11 +263,12 @@ def test_overrides_may_follow_options():
 
 def test_model_loaders_refuse_a_corrupt_training_step(six_steps, tmp_path):
     """`emo-jax generate/convert RUN_DIR` read the latest step directly: verified too."""
-    from emo_jax.interop import model_io
+    from emo_jax import artifact
     from emo_jax.interop.hf_common import InteropError
     run_dir = _copy(six_steps, tmp_path)
     _flip_bytes(run_dir / "checkpoints" / "6")
-    with pytest.raises(InteropError, match=r"checkpoints/6 is corrupt \(state/.* does not match the checksum"):
-        model_io.load_model(run_dir)
-    config, params = model_io.load_model(run_dir / "checkpoints" / "4")
+    with pytest.raises(InteropError, match=r"checkpoints/6 is corrupt: state/.* does not match the checksum"):
+        artifact.load(run_dir)
+    loaded = artifact.load(run_dir / "checkpoints" / "4")
+    config, params = loaded.config, loaded.params
     assert config.model.d_model == 32 and params

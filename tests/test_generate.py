@@ -14,13 +14,19 @@ from emo_jax import cli, memory
 from emo_jax.compat import make_mesh
 from emo_jax.generate import (GenerationError, SamplingConfig, generate, sample_token, top_p_logits)
 from emo_jax.interop import export_hf
-from emo_jax.interop.model_io import load_model
+from emo_jax import artifact
 from emo_jax.interop.safetensors_io import SafetensorsReader
 from emo_jax.model.kv_cache import init_cache
 from emo_jax.parallel.mesh import MESH_AXES
 from emo_jax.param_count import count_params
 from helpers import tiny_config
 from param_helpers import logits, random_params
+
+
+def load_model(source, **kwargs):
+    """(config, params) of a model source through the one loader, emo_jax.artifact.load."""
+    loaded = artifact.load(source, **kwargs)
+    return loaded.config, loaded.params
 
 # The model family of the interop tests (tests/torch_emo_reference.py defaults). The
 # cache does not depend on the MoE backend: the reference one compiles fastest on CPU.

@@ -16,13 +16,20 @@ from flax import traverse_util
 
 from emo_jax.compat import make_mesh
 from emo_jax.config import replace
-from emo_jax.interop import InteropError, export_hf, import_hf
+from emo_jax import artifact
+from emo_jax.interop import InteropError, export_hf
 from emo_jax.interop.safetensors_io import SafetensorsReader, write_checkpoint
 from emo_jax.model import build_model
-from emo_jax.interop.convert import abstract_boxed_params
+from emo_jax.artifact import boxed_abstract_params as abstract_boxed_params
 from emo_jax.parallel.mesh import MESH_AXES
 from emo_jax.parallel.rules import param_shardings
 from helpers import tiny_config
+
+
+def import_hf(source, **kwargs):
+    """(config, params) of a Hugging Face folder through the one loader, emo_jax.artifact.load."""
+    loaded = artifact.load(source, **kwargs)
+    return loaded.config, loaded.params
 
 
 def _flat(tree):
@@ -155,7 +162,7 @@ def test_clear_errors(tiny, tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InteropError, match="config.json is missing"):
+    with pytest.raises(InteropError, match="empty holds no config.json"):
         import_hf(empty)
     with pytest.raises(InteropError, match="unknown checkpoint layout"):
         import_hf(variant("llama", model_type="llama", architectures=["LlamaForCausalLM"]))
@@ -298,15 +305,14 @@ def test_null_eos_token_id_round_trips_as_null(tiny, tmp_path):
 
 def test_cli_export_names_the_model_it_refuses_and_takes_a_pad_id(tmp_path, capsys):
     from emo_jax import cli
-    from emo_jax.interop.model_io import save_converted
     base = ("model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.expert_hidden=16",
             "model.vocab_size=96", "model.max_seq_len=64", "data.seq_len=64")
     config = tiny_config(*base)
-    save_converted(tmp_path / "plain", config, random_params(config))
+    artifact.save(tmp_path / "plain", config, random_params(config))
     assert cli.main(["convert", str(tmp_path / "plain"), str(tmp_path / "out"), "--to", "emo", "--pad-id", "3"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == 3
     qk = tiny_config(*base, "model.qk_norm=true")
-    save_converted(tmp_path / "qk", qk, random_params(qk))
+    artifact.save(tmp_path / "qk", qk, random_params(qk))
     capsys.readouterr()
     assert cli.main(["convert", str(tmp_path / "qk"), str(tmp_path / "qk_out"), "--to", "emo"]) == 1
     err = capsys.readouterr().err.strip()

@@ -15,9 +15,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from emo_jax.interop import export_hf, import_hf  # noqa: E402
+from emo_jax import artifact  # noqa: E402
+from emo_jax.interop import export_hf  # noqa: E402
 from emo_jax.interop.safetensors_io import SafetensorsReader  # noqa: E402
 from emo_jax.model import build_model  # noqa: E402
+
+
+def import_hf(source, **kwargs):
+    """(config, params) of a Hugging Face folder through the one loader, emo_jax.artifact.load."""
+    loaded = artifact.load(source, **kwargs)
+    return loaded.config, loaded.params
 
 VOCAB = 96
 

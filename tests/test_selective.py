@@ -29,11 +29,12 @@ from emo_jax.model import build_model  # noqa: E402
 from emo_jax.model.layers import RMSNorm, segment_positions  # noqa: E402
 from emo_jax.model.transformer import Block  # noqa: E402
 from emo_jax.modular import ModularError, analyze, probe  # noqa: E402
-from emo_jax.modular.checkpoints import load_model, save_model  # noqa: E402
+from emo_jax import artifact  # noqa: E402
 from emo_jax.modular.prune import check_counts, param_bytes, parse_counts, prune, prune_params  # noqa: E402
 from emo_jax.modular.select import (Selection, greedy_selection, random_selection, score_sums,  # noqa: E402
                                     top_experts)
 from emo_jax.train.step import init_params  # noqa: E402
+from param_helpers import save_run_checkpoint  # noqa: E402
 
 B, S = 4, 32
 SMALL = ("model.d_model=32", "model.head_dim=8", "model.expert_hidden=32", "model.max_seq_len=32",
@@ -218,11 +219,12 @@ def test_layer_experts_validation(overrides, words):
 
 def test_layer_experts_round_trips_through_yaml_and_json(tmp_path):
     from emo_jax.config import load_config, to_dict
-    from emo_jax.modular.checkpoints import write_config_yaml
+    import yaml
     cfg = tiny_config("model.layer_experts=[6,4]")
     assert cfg.model.expert_counts == (6, 4) and cfg.model.routed_counts == (5, 3) and cfg.model.is_pruned
     assert to_dict(cfg)["model"]["layer_experts"] == [6, 4]
-    assert load_config(write_config_yaml(cfg, tmp_path / "c.yaml")) == cfg
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(tmp_path / "c.yaml") == cfg
     assert tiny_config().model.expert_counts == (8, 8) and not tiny_config().model.is_pruned
 
 
@@ -307,7 +309,7 @@ def world(tmp_path_factory):
                       f"data.data_dir={tmp / 'dd'}", "train.steps=2", "train.log_every=1",
                       "train.progress_bar=false", f"train.run_dir={tmp / 'full'}")
     params = init_params(build_model(cfg), cfg, jax.random.PRNGKey(0))
-    save_model(tmp / "full", cfg, params)
+    save_run_checkpoint(tmp / "full", cfg, params, step=3)  # a training run directory
     (tmp / "empty.txt").write_text("  \n")
     (tmp / "calib.jsonl").write_text(json.dumps({"text": " ".join(WORDS["blue"] * 5)}) + "\n")
     return tmp, cfg, params
@@ -320,8 +322,9 @@ def cli(*args: str) -> int:
 
 def test_checkpoint_round_trip(world):
     tmp, cfg, params = world
-    loaded_cfg, loaded, step = load_model(tmp / "full")
-    assert step == 0 and loaded_cfg == cfg
+    loaded = artifact.load(tmp / "full")
+    loaded_cfg, loaded, step = loaded.config, loaded.params, loaded.source.step
+    assert step == 3 and loaded_cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -339,8 +342,10 @@ def test_cli_select_prune_eval_analyze_and_finetune(world, capsys):
     text = capsys.readouterr().out
     assert "parameter bytes:" in text and "model.layer_experts=[5, 5]" in text
     assert (out / "config.yaml").is_file() and (out / "selection.json").is_file()
-    pruned_cfg, pruned_params, _ = load_model(out)
-    assert pruned_cfg.model.layer_experts == (5, 5) and pruned_cfg.train.run_dir == str(out)
+    pruned = artifact.load(out)
+    pruned_cfg, pruned_params = pruned.config, pruned.params
+    assert pruned.source.kind == "model" and pruned_cfg.model.layer_experts == (5, 5)
+    assert pruned_cfg.train.run_dir == str(out / "finetune") and pruned_cfg.train.init_from == str(out)
     expected_cfg, expected = prune(cfg, params, selection.keep)
     jax.tree.map(np.testing.assert_array_equal, pruned_params, expected)
 
@@ -363,25 +368,61 @@ def test_cli_select_prune_eval_analyze_and_finetune(world, capsys):
         assert np.isfinite(layer[key]), key
     assert "centred cosine" in capsys.readouterr().out
 
-    # Fine-tune the pruned model with the ordinary training command.
+    # Fine-tune the pruned model with the ordinary training command (train.init_from=OUT).
     assert cli("train", "--config", str(out / "config.yaml")) == 0
-    from emo_jax.modular.checkpoints import read_config
-    assert read_config(out)[1] == 2
+    assert "initialised from" in capsys.readouterr().out
+    assert artifact.resolve(out / "finetune").step == 2
+
+
+@pytest.mark.parametrize("kind", ["model", "hf"])
+def test_select_prune_eval_on_a_model_folder_and_a_hugging_face_folder(world, capsys, kind):
+    """The same parameters as the run directory `full`, saved as another kind of source:
+    the same selection, the same pruned parameters, finite held-out losses."""
+    from emo_jax.interop import export_hf
+    tmp, cfg, params = world
+    source = tmp / f"full_{kind}"
+    data = []
+    if kind == "model":
+        if not source.exists():
+            artifact.save(source, cfg, params)
+    else:
+        if not source.exists():
+            export_hf(params, cfg, source, layout="emo")
+        # an HF folder carries only the model: the data (and routing) sections are given
+        data = [f"data.dataset={cfg.data.dataset}", f"data.data_dir={cfg.data.data_dir}",
+                f"data.seq_len={cfg.data.seq_len}", f"data.global_batch_size={cfg.data.global_batch_size}",
+                "routing.segments=explicit", f"routing.pool={cfg.routing.pool}"]
+    run_sel, kind_sel = tmp / f"sel_run_{kind}.json", tmp / f"sel_{kind}.json"
+    assert cli("select", "--model", str(tmp / "full"), "--keep", "5", "--domain", "red", "--out", str(run_sel)) == 0
+    assert cli("select", "--model", str(source), "--keep", "5", "--domain", "red", "--out", str(kind_sel),
+               *data) == 0
+    assert Selection.from_json(kind_sel.read_text()).keep == Selection.from_json(run_sel.read_text()).keep
+    out = tmp / f"pruned_from_{kind}"
+    assert cli("prune", "--model", str(source), "--selection", str(kind_sel), "--out", str(out), *data) == 0
+    expected_cfg, expected = prune(cfg, params, Selection.from_json(kind_sel.read_text()).keep)
+    jax.tree.map(np.testing.assert_array_equal, artifact.load(out).params, expected)
+    assert json.loads((out / "prune.json").read_text())["source_kind"] == kind
+    capsys.readouterr()
+    assert cli("eval", "--model", str(source), "--domains", "red", "--max-batches", "1", "--json",
+               str(tmp / f"eval_{kind}.json"), *data) == 0
+    assert f"({source} ({kind})" in capsys.readouterr().out
+    assert np.isfinite(json.loads((tmp / f"eval_{kind}.json").read_text())["loss"])
+    assert cli("analyze", "--model", str(source), "--docs-per-domain", "2", "--out", str(tmp / f"an_{kind}"),
+               *data) == 0
 
 
 def test_pruned_checkpoint_loads_with_the_generic_model_loader(world):
-    model_io = pytest.importorskip("emo_jax.interop.model_io")
     tmp, cfg, params = world
     out = tmp / "pruned_random"
     assert cli("prune", "--checkpoint", str(tmp / "full"), "--keep", "4", "--method", "random",
                "--out", str(out)) == 0
-    config, loaded = model_io.load_model(out)
+    config, loaded = artifact.load(out).config, artifact.load(out).params
     assert config.model.layer_experts == (4, 4)
     assert loaded["layer_0"]["moe"]["w_gate"].shape[0] == 4
 
 
 @pytest.mark.parametrize("args, words", [
-    (("select", "--checkpoint", "{tmp}/nowhere", "--keep", "4", "--domain", "red"), "no checkpoint under"),
+    (("select", "--checkpoint", "{tmp}/nowhere", "--keep", "4", "--domain", "red"), "nowhere: no such directory"),
     (("select", "--checkpoint", "{tmp}/full", "--keep", "4", "--domain", "purple"), "unknown domain 'purple'"),
     (("select", "--checkpoint", "{tmp}/full", "--keep", "4", "--calibration", "{tmp}/empty.txt"), "holds no text"),
     (("select", "--checkpoint", "{tmp}/full", "--keep", "4", "--calibration", "{tmp}/none.txt"), "does not exist"),
@@ -390,7 +431,7 @@ def test_pruned_checkpoint_loads_with_the_generic_model_loader(world):
     (("select", "--checkpoint", "{tmp}/full", "--keep", "4"), "give calibration text"),
     (("prune", "--checkpoint", "{tmp}/full", "--out", "{tmp}/x"), "give --selection FILE"),
     (("prune", "--checkpoint", "{tmp}/full", "--keep", "4", "--method", "random", "--out", "{tmp}/full"),
-     "already holds checkpoints"),
+     "already exists and is not an empty folder"),
     (("eval", "--checkpoint", "{tmp}/full", "--pool", "many"), "must be 'none' or a number"),
 ])
 def test_cli_errors_are_one_line(world, capsys, args, words):

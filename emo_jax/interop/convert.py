@@ -1,6 +1,7 @@
-"""Import Hugging Face checkpoints (OLMoE or EMO layout) into emo_jax, and export back.
+"""Hugging Face checkpoints (OLMoE or EMO layout): the pieces of an import, and the export.
 
-Import reads config.json into a validated emo_jax `Config`, then builds every
+Loading goes through `emo_jax.artifact.load` (the one loader), which uses this module:
+config.json becomes a validated emo_jax `Config` (`config_from_hf`), then every
 parameter from the safetensors files. With a mesh, each parameter is created by
 `jax.make_array_from_callback` on the NamedSharding of `parallel.rules.param_shardings`,
 and the callback reads (through a memory map) only the rectangle of the HF tensor(s)
@@ -25,7 +26,7 @@ import flax.linen as nn
 
 from emo_jax.config import Config, ConfigError, _merge, config_from_dict, parse_overrides
 from emo_jax.interop import hf_emo, hf_olmoe
-from emo_jax.interop.hf_common import CONFIG_FILE, InteropError, read_hf_config
+from emo_jax.interop.hf_common import CONFIG_FILE, InteropError
 from emo_jax.interop.safetensors_io import SafetensorsReader, write_checkpoint
 from emo_jax.interop.tensor_map import Source, hf_names, merge_rows, read_region, to_hf
 
@@ -100,12 +101,6 @@ def config_from_hf(hf: dict, layout: ModuleType, overrides: Sequence[str] = (), 
 # ------------------------------------------------------------------------------ import
 
 
-def abstract_boxed_params(config: Config) -> dict:
-    """Boxed (nn.Partitioned) ShapeDtypeStructs of the model's parameters; nothing allocated."""
-    from emo_jax.param_count import abstract_params
-    return abstract_params(config)
-
-
 def _flat(tree: dict) -> dict[tuple[str, ...], object]:
     return traverse_util.flatten_dict(tree)
 
@@ -162,26 +157,6 @@ def load_params(reader: SafetensorsReader, sources: dict[tuple[str, ...], Source
                 tuple(aval.shape), shardings[path],
                 lambda index, src=src, dtype=dtype: read_region(reader, src, index).astype(dtype))
     return traverse_util.unflatten_dict(out)
-
-
-def import_hf(directory: str | Path, layout: str | None = None, mesh: jax.sharding.Mesh | None = None,
-              overrides: Sequence[str] = (), mesh_from_config: bool = False) -> tuple[Config, dict]:
-    """(config, params) of a Hugging Face checkpoint directory in the OLMoE or EMO layout.
-
-    mesh: place every parameter on its sharding over this mesh, shard by shard;
-    mesh_from_config: build that mesh from the converted config's `mesh` section
-    (overridable, e.g. mesh.expert=8) over all devices.
-    """
-    hf = read_hf_config(directory)
-    module = detect_layout(hf, layout)
-    config = config_from_hf(hf, module, overrides, name=Path(directory).name or "converted")
-    if mesh_from_config:
-        from emo_jax.parallel.mesh import build_mesh
-        mesh = build_mesh(config.mesh)
-    reader = SafetensorsReader(directory)
-    sources = module.sources(config.model, config.model.expert_counts)
-    check_tensors(reader, sources, module.NAME)
-    return config, load_params(reader, sources, abstract_boxed_params(config), mesh)
 
 
 # ------------------------------------------------------------------------------ export

@@ -2,7 +2,6 @@
 (docs/algorithm.md#selective-expert-use-and-pruning, #measuring-specialisation).
 
   documents.py  calibration / held-out text -> packed numpy batches
-  checkpoints.py  load a trained or pruned model, save a pruned one (orbax, normal layout)
   probe.py      router logits of every layer from one forward pass
   select.py     greedy layer-by-layer expert selection, random-subset baseline
   prune.py      physical pruning: slice experts and router columns, per-layer counts
@@ -10,6 +9,7 @@
   analyze.py    per-domain routing vectors and the specialisation measures, tables, plots
   reproduce.py  EMO vs standard MoE pruning curves on the bundled corpus
   commands.py   the `emo-jax select | prune | eval | analyze | reproduce` entry points
+                (models are loaded and saved by emo_jax.artifact)
 """
 
 

@@ -14,8 +14,10 @@ from emo_jax.modular import ModularError
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run_dir of a trained or pruned model")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="SOURCE",
+                   help="a training run dir (RUN_DIR or RUN_DIR@STEP), an emo_jax model folder (emo-jax prune, "
+                        "emo-jax convert) or a Hugging Face folder (OLMoE/EMO, full or pruned)")
+    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: the latest)")
 
 
 def _pool_arg(p: argparse.ArgumentParser) -> None:
@@ -40,20 +42,15 @@ def _calibration_args(p: argparse.ArgumentParser, required: bool) -> None:
     _pool_arg(p)
 
 
-def _with_overrides(config, pool: str | None, overrides: list[str]):
-    """Applies --pool and dotted overrides of the non-model sections to a loaded config."""
-    from emo_jax.config import _merge, parse_overrides, replace, to_dict, config_from_dict
-    tree = parse_overrides(overrides)
-    if "model" in tree:
-        raise ModularError("model.* cannot be overridden on a trained checkpoint (its params fix the shapes).")
-    if pool is not None:
-        if pool == "none":
-            tree = _merge(tree, {"routing": {"eval_pool": "none"}})
-        elif pool.isdigit():
-            tree = _merge(tree, {"routing": {"eval_pool": "fixed", "eval_pool_size": int(pool)}})
-        else:
-            raise ModularError(f"--pool {pool!r} must be 'none' or a number of experts.")
-    return config_from_dict(_merge(to_dict(config), tree)) if tree else config
+def _overrides(pool: str | None, overrides: list[str]) -> list[str]:
+    """--pool as routing overrides, followed by the dotted overrides (data/routing)."""
+    if pool is None:
+        return list(overrides)
+    if pool == "none":
+        return ["routing.eval_pool=none", *overrides]
+    if pool.isdigit():
+        return ["routing.eval_pool=fixed", f"routing.eval_pool_size={int(pool)}", *overrides]
+    raise ModularError(f"--pool {pool!r} must be 'none' or a number of experts.")
 
 
 def _calibration_batches(config, args) -> tuple[list, str]:
@@ -85,9 +82,13 @@ def _print_selection(selection) -> None:
 
 
 def _load(args):
-    from emo_jax.modular.checkpoints import load_model
-    config, params, step = load_model(args.checkpoint, args.step)
-    return _with_overrides(config, getattr(args, "pool", None), getattr(args, "overrides", [])), params, step
+    """The model of --model/--step (any source kind, parameters only) with --pool and overrides applied."""
+    from emo_jax import artifact
+    overrides = _overrides(getattr(args, "pool", None), getattr(args, "overrides", []))
+    if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+        raise ModularError("model.* cannot be overridden on a trained model (its parameters fix the shapes).")
+    loaded = artifact.load(args.model, step=args.step, overrides=overrides)
+    return loaded.config, loaded.params, loaded.source
 
 
 def select_main(args) -> int:
@@ -101,12 +102,11 @@ def select_main(args) -> int:
 
 
 def prune_main(args) -> int:
-    from emo_jax.modular.checkpoints import save_model
-    from emo_jax.modular.checkpoints import PRUNED_STEP
+    from emo_jax import artifact
     from emo_jax.modular.prune import check_counts, param_bytes, prune
     from emo_jax.modular.select import Selection
     from emo_jax.config import parse_overrides
-    config, params, step = _load(argparse.Namespace(checkpoint=args.checkpoint, step=args.step, pool=args.pool))
+    config, params, source = _load(argparse.Namespace(model=args.model, step=args.step, pool=args.pool))
     if args.selection:
         path = Path(args.selection)
         if not path.is_file():
@@ -120,29 +120,31 @@ def prune_main(args) -> int:
     if "model" in tree:
         raise ModularError("model.* cannot be overridden when pruning; the selection fixes the shapes.")
     out = Path(args.out).absolute()
-    train = {"run_dir": str(out), **tree.pop("train", {})}
+    # `emo-jax train --config OUT/config.yaml` fine-tunes the pruned model into OUT/finetune.
+    train = {"run_dir": str(out / "finetune"), "init_from": str(out), **tree.pop("train", {})}
     if not train.get("checkpoint_every", config.train.checkpoint_every):
         train["checkpoint_every"] = train.get("steps", config.train.steps)  # fine-tuning must save its end
     check_counts(config.model, selection.counts)
     new_config, new_params = prune(config, params, selection.keep, train=train, name=f"{config.name}_pruned",
                                    **tree)
     before, after = param_bytes(params), param_bytes(new_params)
-    save_model(out, new_config, new_params, seed=new_config.train.seed)
+    artifact.save(out, new_config, new_params)
     (out / "selection.json").write_text(selection.to_json())
     _print_selection(selection)
     print(f"parameter bytes: {before['total']:,} -> {after['total']:,} "
           f"({100 * after['total'] / before['total']:.1f}%); experts {before['experts']:,} -> {after['experts']:,}")
-    print(f"pruned model: {out}/checkpoints/{PRUNED_STEP} with config {out / 'config.yaml'} "
-          f"(model.layer_experts={list(new_config.model.expert_counts)}), from {args.checkpoint} step {step}")
-    (out / "prune.json").write_text(json.dumps({"source": str(args.checkpoint), "source_step": step,
-                                                "bytes_before": before, "bytes_after": after}, indent=1))
+    print(f"pruned model: {out} (model.layer_experts={list(new_config.model.expert_counts)}), from "
+          f"{source.describe()}; fine-tune it with `emo-jax train --config {out / 'config.yaml'}`")
+    (out / "prune.json").write_text(json.dumps({"source": str(source.path), "source_kind": source.kind,
+                                                "source_step": source.step, "bytes_before": before,
+                                                "bytes_after": after}, indent=1))
     return 0
 
 
 def eval_main(args) -> int:
     from emo_jax.modular import documents
     from emo_jax.modular.evaluate import heldout_loss
-    config, params, step = _load(args)
+    config, params, source = _load(args)
     d = config.data
     results = {}
     if args.calibration:
@@ -157,10 +159,11 @@ def eval_main(args) -> int:
     tokens = sum(r["tokens"] for r in results.values())
     mean = sum(r["loss"] * r["tokens"] for r in results.values()) / max(tokens, 1.0)
     pool = "none" if config.routing.eval_pool == "none" else f"fixed {config.routing.eval_pool_size}"
-    print(f"{'ALL':<22} loss {mean:.4f}  (step {step}, experts per layer {list(config.model.expert_counts)}, "
+    print(f"{'ALL':<22} loss {mean:.4f}  ({source.describe()}, experts per layer {list(config.model.expert_counts)}, "
           f"pool {pool})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"step": step, "pool": pool, "domains": results, "loss": mean,
+        Path(args.json).write_text(json.dumps({"source": str(source.path), "step": source.step, "pool": pool,
+                                               "domains": results, "loss": mean,
                                                "layer_experts": list(config.model.expert_counts)}, indent=1))
     return 0
 
@@ -174,7 +177,7 @@ def analyze_main(args) -> int:
              for name in domains}
     summary = analyze.analyze_documents(config, params, texts)
     out = Path(args.out)
-    paths = analyze.write_tables(summary, out) + analyze.plot(summary, out, title=Path(args.checkpoint).name)
+    paths = analyze.write_tables(summary, out) + analyze.plot(summary, out, title=Path(args.model).name)
     print(analyze.format_summary(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

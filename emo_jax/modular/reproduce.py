@@ -24,9 +24,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from emo_jax import artifact
 from emo_jax.config import Config, replace
 from emo_jax.modular import ModularError, analyze, documents
-from emo_jax.modular.checkpoints import checkpoint_dir, load_model, read_config
 from emo_jax.modular.evaluate import heldout_loss
 from emo_jax.modular.prune import prune
 from emo_jax.modular.select import greedy_selection, random_selection
@@ -72,10 +72,10 @@ def default_keep(config: Config) -> tuple[int, ...]:
 
 def _trained(config: Config) -> bool:
     try:
-        _, step = read_config(config.train.run_dir)
-    except ModularError:
+        step = artifact.resolve(config.train.run_dir).step
+    except artifact.ArtifactError:
         return False
-    return step >= config.train.steps
+    return step is not None and step >= config.train.steps
 
 
 def train_twins(configs: dict[str, Config], log: Callable[[str], None]) -> dict[str, float]:
@@ -283,7 +283,8 @@ def run(config: Config, out: str | Path, opts: Options = Options(), log: Callabl
         if calib is None:
             calib, heldout = domain_data(configs["emo"], domains, opts)
         for name, twin in configs.items():
-            cfg, params, _ = load_model(checkpoint_dir(twin.train.run_dir))
+            loaded = artifact.load(twin.train.run_dir)
+            cfg, params = loaded.config, loaded.params
             for domain in domains:
                 t = time.perf_counter()
                 curve = pruning_curve(name, cfg, params, domain, calib[domain], heldout[domain], keep_values, opts)

@@ -391,7 +391,3 @@ def check_config_matches(saved: dict, config: Config, where: Path) -> None:
                                   f"run has {section}.{key}={new.get(key)!r} ({len(diffs)} differing key(s) in "
                                   f"'{section}'); use the same config to resume, or a new run_dir.")
 
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with shardings, the restore target for a state like `state`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
