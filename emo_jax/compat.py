@@ -94,3 +94,42 @@ def out_struct(shape, dtype, like=None) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
     vma = getattr(aval, "vma", None)  # pragma: no cover - older jax
     return jax.ShapeDtypeStruct(shape, dtype, vma=vma) if vma is not None else jax.ShapeDtypeStruct(shape, dtype)
+
+
+# ------------------------------------------------------------------------------ flax.nnx
+# nnx.Optimizer changed in flax 0.11: `wrt` became a required keyword and `update` takes
+# the model first (`update(model, grads)`); before, `Optimizer(model, tx)` held the model
+# and `update(grads)`. Variables are read with `get_value()` (flax >= 0.12) or `.value`.
+
+
+def nnx_optimizer(model, tx, wrt=None):
+    """`nnx.Optimizer` over `model`'s `wrt` variables (default nnx.Param) on any flax version."""
+    import inspect
+
+    from flax import nnx
+    wrt = nnx.Param if wrt is None else wrt
+    if "wrt" in inspect.signature(nnx.Optimizer.__init__).parameters:
+        return nnx.Optimizer(model, tx, wrt=wrt)
+    return nnx.Optimizer(model, tx)  # pragma: no cover - flax < 0.11 (wrt = nnx.Param)
+
+
+def nnx_update(optimizer, model, grads) -> None:
+    """One optimizer step in place: `optimizer.update(model, grads)` (flax >= 0.11) or `update(grads)`."""
+    import inspect
+    positional = [p for p in inspect.signature(optimizer.update).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2:
+        optimizer.update(model, grads)
+    else:  # pragma: no cover - flax < 0.11
+        optimizer.update(grads)
+
+
+def nnx_value(variable):
+    """The array an nnx.Variable holds."""
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def nnx_data(value):
+    """Marks a container attribute of an nnx.Module as data (flax >= 0.12 wants it spelled out)."""
+    from flax import nnx
+    return nnx.data(value) if hasattr(nnx, "data") else value

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from emo_jax.config import OptimizerConfig
 
@@ -20,10 +19,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
         decay_steps=cfg.warmup_steps + decay_steps, end_value=cfg.peak_lr * cfg.final_lr_ratio)
 
 
-def weight_decay_mask(params) -> dict:
-    """True for every parameter that gets weight decay (all but the embeddings)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: path[-1] not in NO_DECAY for path in flat})
+def weight_decay_mask(params):
+    """True for every parameter that gets weight decay (all but the embeddings), for any
+    pytree of parameters: a Linen params dict, or an nnx State (whose leaf paths end in
+    the Variable's `.value`)."""
+    def decays(path, _) -> bool:
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+        return not names or names[-1] not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
