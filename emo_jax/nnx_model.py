@@ -42,8 +42,9 @@ def _is_variable(x) -> bool:
 class EmoLM(nnx.Module):
     """An emo_jax decoder (EMO or standard MoE, full or pruned) as an NNX module.
 
-    EmoLM(config, rngs=nnx.Rngs(params=0)) initialises it as the Linen model does with
-    that key; EmoLM(config, params=tree) wraps existing parameters (unboxed arrays).
+    EmoLM(config, rngs=nnx.Rngs(params=0)) initialises it with the Linen initialisers and
+    the key drawn from `rngs.params()`; EmoLM(config, params=tree) wraps existing
+    parameters (unboxed arrays, e.g. `emo_jax.train.init_params(...)` for the exact Linen init).
     """
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs | None = None, params: dict | None = None):

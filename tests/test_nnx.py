@@ -35,6 +35,11 @@ def _batch(config) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+# Jitted: op-by-op dispatch of the whole model is slow on CPU.
+_logits = nnx.jit(lambda model, tokens: model(tokens)[0])
+_loss = nnx.jit(lambda model, batch, key: lm_loss(model, batch, key).total)
+
+
 def _nnx_step(model, optimizer, batch, key):
     loss, grads = nnx.value_and_grad(lambda m: lm_loss(m, batch, key).total)(model)
     nnx_update(optimizer, model, grads)
@@ -78,10 +83,10 @@ def test_routing_key_matters_and_inference_needs_none():
     config = tiny_config(*SMALL)
     model = EmoLM(config, rngs=nnx.Rngs(params=0))
     batch = _batch(config)
-    a = lm_loss(model, batch, jax.random.PRNGKey(0)).total
-    b = lm_loss(model, batch, jax.random.PRNGKey(1)).total
+    a = _loss(model, batch, jax.random.PRNGKey(0))
+    b = _loss(model, batch, jax.random.PRNGKey(1))
     assert float(a) != float(b)
-    logits, _ = model(batch["inputs"], batch["segment_ids"])  # eval: no pool, no key
+    logits = _logits(model, batch["inputs"])  # eval: no pool, no key
     assert logits.shape == (4, 64, config.model.vocab_size)
 
 
@@ -98,7 +103,7 @@ def test_init_split_merge_and_load(tmp_path):
     graphdef, state = nnx.split(model)
     again = nnx.merge(graphdef, state)
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
-    np.testing.assert_array_equal(np.asarray(model(tokens)[0]), np.asarray(again(tokens)[0]))
+    np.testing.assert_array_equal(np.asarray(_logits(model, tokens)), np.asarray(_logits(again, tokens)))
 
     artifact.save(tmp_path / "m", config, params)
     from emo_jax.compat import make_mesh
@@ -106,7 +111,8 @@ def test_init_split_merge_and_load(tmp_path):
     mesh = make_mesh((2, 1, 4, 1), MESH_AXES)
     loaded = EmoLM.load(tmp_path / "m", mesh=mesh)
     assert loaded.params["layer_0"]["moe"]["w_gate"].get_value().sharding.spec[0] == "expert"
-    np.testing.assert_allclose(np.asarray(loaded(tokens)[0]), np.asarray(model(tokens)[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_logits(loaded, tokens)), np.asarray(_logits(model, tokens)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_readme_example_runs():
