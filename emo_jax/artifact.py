@@ -187,8 +187,9 @@ def _check_same_shapes(stored: Config, config: Config, where: Path) -> None:
     same = jax.tree.structure(old) == jax.tree.structure(new) and all(
         a.shape == b.shape for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
     if not same:
-        key = next(k for k, v in to_dict(config)["model"].items() if to_dict(stored)["model"][k] != v)
-        raise ArtifactError(f"{where}: the override of model.{key} changes the parameter shapes stored there; "
+        old_model = to_dict(stored)["model"]
+        keys = ", ".join(f"model.{k}" for k, v in to_dict(config)["model"].items() if old_model[k] != v)
+        raise ArtifactError(f"{where}: the override of {keys} changes the parameter shapes stored there; "
                             "only shape-preserving model keys (e.g. model.dtype, model.remat) may be overridden.")
 
 
