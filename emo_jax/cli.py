@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"emo-jax: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `train` saves on the first Ctrl-C; this is a second one, or another command
+        print(f"emo-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise

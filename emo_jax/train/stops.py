@@ -25,6 +25,7 @@ class StopSignals:
 
     def __init__(self):
         self.received = 0
+        self.interrupts = 0  # Ctrl-C count
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -36,8 +37,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.received = self.received or signum
 
     def __exit__(self, *exc) -> None:
