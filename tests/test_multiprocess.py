@@ -193,10 +193,13 @@ def runs(data_dir, tmp_path_factory):
         term.procs[1].send_signal(signal.SIGTERM)
         term_codes = term.wait()
         after_term = _saved_steps(broken)
+        stop_dir = broken / "checkpoints" / str(max(after_term, default=0))  # deleted later (keep 3): read it now
+        term_files = sorted(p.name for p in (stop_dir / "data").glob("*.json"))
+        term_integrity = json.loads((stop_dir / "integrity.json").read_text()) if stop_dir.is_dir() else {}
 
         killed = Launch(data_dir, broken, "killed", processes=2)
         launches.append(killed)
-        kill_at = max(after_term, default=0) + 8
+        kill_at = (max(after_term, default=0) // 4 + 2) * 4  # the second periodic checkpoint after the resume
         assert killed.wait_for_checkpoint(kill_at), killed.output()
         os.kill(killed.procs[1].pid, signal.SIGKILL)
         time.sleep(1.0)
@@ -207,6 +210,7 @@ def runs(data_dir, tmp_path_factory):
         launches.append(final)
         assert final.wait() == [0, 0], final.output()
         yield dict(single=single, straight=straight, term=term, term_codes=term_codes, after_term=after_term,
+                   term_files=term_files, term_integrity=term_integrity,
                    killed=killed, kill_at=kill_at, after_kill=after_kill, final=final, broken=broken,
                    data_dir=data_dir)
     finally:
@@ -233,11 +237,8 @@ def test_sigterm_to_both_processes_saves_one_agreed_step(runs):
     assert r0["final_step"] == r1["final_step"] == max(runs["after_term"])
     assert 4 <= r0["final_step"] < STEPS, runs["after_term"]
     assert f"SIGTERM: saving step {r0['final_step']}" in runs["term"].logs[0].read_text()
-    files = sorted(p.name for p in (runs["broken"] / "checkpoints" / str(r0["final_step"]) / "data").iterdir()
-                   if p.suffix == ".json")
-    assert files == ["process_0-of-2.json", "process_1-of-2.json"]
-    integrity = json.loads((runs["broken"] / "checkpoints" / str(r0["final_step"]) / "integrity.json").read_text())
-    assert {"data/process_0-of-2.json", "data/process_1-of-2.json"} <= set(integrity["files"])
+    assert runs["term_files"] == ["process_0-of-2.json", "process_1-of-2.json"]  # each process's data position
+    assert {"data/process_0-of-2.json", "data/process_1-of-2.json"} <= set(runs["term_integrity"]["files"])
 
 
 def test_resume_after_sigterm_and_kill9_gives_the_identical_trajectory(runs):

@@ -194,8 +194,11 @@ class MetricsLog:
         self.restart_clock()
 
     def restart_clock(self) -> None:
-        """After an evaluation or a save: their time is not training throughput."""
         self.window_start = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent evaluating or saving is not training throughput."""
+        self.window_start += seconds
 
     def close(self) -> None:
         self.writer.close()
@@ -226,6 +229,7 @@ class PendingMetrics:
 
 def evaluate_now(run: Run) -> None:
     """Validation loss (per domain) and the routing summary at run.step."""
+    start = time.perf_counter()
     if run.evaluator is None:
         run.evaluator = Evaluator(run.config, run.trainer.model, run.to_device)
     result, summary = run.evaluator(run.state.params)
@@ -233,14 +237,15 @@ def evaluate_now(run: Run) -> None:
     if summary is not None:
         write_routing_summary(Path(run.config.train.run_dir), run.step, summary)
     _log(format_eval(run.step, result))
-    run.log.restart_clock()
+    run.log.exclude(time.perf_counter() - start)
 
 
 def save_now(run: Run, force: bool = False) -> None:
     """Starts an asynchronous save of run.step (orbax copies the arrays before returning)."""
+    start = time.perf_counter()
     run.checkpointer.save(run.step, run.state, run.source.get_state(), run.config, run.config.train.seed,
                           force=force)
-    run.log.restart_clock()
+    run.log.exclude(time.perf_counter() - start)
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -267,6 +272,7 @@ def run_steps(run: Run, signals: stops.StopSignals, metrics_delay: int = 1) -> i
     config, total = run.config, run.config.train.steps
     pending = PendingMetrics(run.log, run.checkpointer)
     agreed_stop = None  # handle of the stop agreement dispatched one step earlier
+    run.log.restart_clock()
     while run.step < total:
         step_metrics = dispatch_step(run)
         pending.put(run.step, step_metrics)  # records the previous step's metrics
