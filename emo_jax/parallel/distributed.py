@@ -14,6 +14,7 @@ as the loop's `make_array_from_process_local_data` assumes.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import sys
@@ -98,11 +99,13 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
     timer = _watchdog(left, f"DistributedError: the {num_processes} processes did not all join the coordinator "
                             f"{coordinator_address} within {timeout_s:g} s (this is process {process_id}); start "
                             "every process with the same address and JAX_NUM_PROCESSES, or raise EMO_JAX_INIT_TIMEOUT.")
+    options = dict(initialization_timeout=int(left) + 30,  # ours fires first
+                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    accepted = inspect.signature(jax.distributed.initialize).parameters
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids,
-                                   initialization_timeout=int(left) + 30,  # ours fires first
-                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+                                   **{k: v for k, v in options.items() if k in accepted})
     finally:
         timer.cancel()
 
