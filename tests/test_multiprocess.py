@@ -226,7 +226,8 @@ def test_two_processes_give_the_single_process_losses(runs):
     assert len(p0) == len(one) == STEPS
     assert p0 == p1  # the loss is a replicated output: every process reads the same value
     # Not bitwise: gloo's cross-process all-reduce adds in another order than XLA:CPU's
-    # in-process one (measured in two runs: 20 and 16 of 24 steps bitwise equal, max difference 4.8e-7 and 9.5e-7).
+    # in-process one (measured in two runs: 20 and 16 of 24 steps bitwise equal, max difference
+    # 4.8e-7 and 9.5e-7).
     np.testing.assert_allclose(p0, one, rtol=2e-6, atol=2e-6)
 
 

@@ -161,8 +161,8 @@ def check_processes_fit_mesh(mesh: jax.sharding.Mesh, batch_sharding: jax.shardi
         shape = dict(mesh.shape)
         raise DistributedError(f"the mesh {shape} does not split the batch over the {process_count} processes "
                                f"(this process's devices hold {rows} of {global_batch} rows, {want} expected): "
-                               "give the processes' devices distinct batch shards, e.g. put the tensor axis within "
-                               f"a process (mesh.tensor <= {jax.local_device_count()}) and the rest on data/fsdp/expert.")
+                               "give the processes' devices distinct batch shards, e.g. keep the tensor axis "
+                               f"within a process (mesh.tensor <= {jax.local_device_count()}).")
 
 
 def describe(process_count: int | None = None) -> str:

@@ -123,7 +123,8 @@ def check_processes_agree(config: Config, start: int) -> None:
     if jax.process_count() == 1:
         return
     config_text = json.dumps(to_dict(config), sort_keys=True)
-    check_same_everywhere({"the config": fingerprint(config_text), "the step to start from": start})
+    check_same_everywhere({"the config": fingerprint(config_text), "the step to start from": start,
+                           stops.CHECK_EVERY_ENV: stops.check_every()})
 
 
 def start_run(config: Config, resume: bool) -> Run:
@@ -272,12 +273,15 @@ def run_steps(run: Run, signals: stops.StopSignals, metrics_delay: int = 1) -> i
     config, total = run.config, run.config.train.steps
     pending = PendingMetrics(run.log, run.checkpointer)
     agreed_stop = None  # handle of the stop agreement dispatched one step earlier
+    check_every = stops.check_every()
     run.log.restart_clock()
     while run.step < total:
         step_metrics = dispatch_step(run)
         pending.put(run.step, step_metrics)  # records the previous step's metrics
         evaluate, save = is_due(run.step, config.train.eval_every, total), run.checkpointer.should_save(run.step)
-        signal_number = stops.agreed_signal(run.stop_agreement.result(agreed_stop)) if agreed_stop is not None else 0
+        signal_number = 0
+        if agreed_stop is not None:
+            signal_number, agreed_stop = stops.agreed_signal(run.stop_agreement.result(agreed_stop)), None
         if evaluate or save or signal_number or not metrics_delay:
             pending.flush()  # a NaN step is never evaluated or saved
         if evaluate:
@@ -289,7 +293,8 @@ def run_steps(run: Run, signals: stops.StopSignals, metrics_delay: int = 1) -> i
             if run.checkpointer.latest_step() != run.step:  # not saved by the periodic save just now
                 save_now(run, force=True)
             return signal_number
-        agreed_stop = run.stop_agreement.start(signals.flags())
+        if run.step % check_every == 0:
+            agreed_stop = run.stop_agreement.start(signals.flags())
     pending.flush()
     if config.train.checkpoint_every and run.checkpointer.latest_step() != run.step:
         save_now(run, force=True)
