@@ -68,7 +68,7 @@ def _train(args) -> int:
         print(f"loss curve: {png}")
         _report_specialisation(result.run_dir)
     if result.stopped_by_signal:
-        print(f"stopped by SIGTERM after step {result.final_step}; checkpoint saved")
+        print(f"stopped by {result.signal_name} after step {result.final_step}; checkpoint saved")
     return 0
 
 
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"emo-jax: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `train` saves on the first Ctrl-C; this is a second one, or another command
+        print(f"emo-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise
@@ -264,10 +267,11 @@ def _user_errors() -> tuple[type, ...]:
     from emo_jax.inputs import InputError
     from emo_jax.interop.hf_common import InteropError
     from emo_jax.interop.safetensors_io import SafetensorsError
+    from emo_jax.parallel.distributed import DistributedError
     from emo_jax.train.checkpoint import CheckpointError
     from emo_jax.train.loop import NonFiniteLossError
     return (GenerationError, InputError, InteropError, SafetensorsError, CheckpointError, NonFiniteLossError,
-            OSError)
+            DistributedError, OSError)
 
 
 if __name__ == "__main__":

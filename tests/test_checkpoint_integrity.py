@@ -172,7 +172,7 @@ def test_resume_with_another_dataset_starts_its_data_afresh(six_steps, tmp_path,
     data set used to be fed to the new one (KeyError: 'index' for synthetic)."""
     run_dir = _copy(six_steps, tmp_path)
     meta = run_dir / "checkpoints" / "6" / "meta" / "metadata"
-    data = run_dir / "checkpoints" / "6" / "data" / "metadata"
+    data = run_dir / "checkpoints" / "6" / "data" / ckpt.data_state_file(0, 1)
     values = json.loads(meta.read_text())
     values["config"]["data"]["dataset"] = "text_files/elsewhere"  # as if written by a corpus run
     meta.write_text(json.dumps(values))

@@ -9,7 +9,7 @@ Order of stages (per host):
      windows of that many rows, so a batch mixes documents, hence domains) -> batch
   -> optional worker processes (mp_prefetch).
 The iterator's `get_state()/set_state()` resume exactly; `iterator_state_to_json` makes
-the state storable with orbax (`ocp.args.JsonSave`). See docs/data.md.
+the state storable as JSON (the train checkpoint stores one per process). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ def _from_json(value: Any) -> Any:
 
 
 def iterator_state_to_json(iterator: grain.DatasetIterator) -> dict[str, Any]:
-  """The iterator's position as a JSON-able dict (store with `ocp.args.JsonSave`)."""
+  """The iterator's position as a JSON-able dict (one per process: each host has its own)."""
   return {"grain_state": _to_json(iterator.get_state())}
 
 

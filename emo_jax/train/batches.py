@@ -61,13 +61,15 @@ class SyntheticBatches:
 class PipelineBatches:
     """The grain pipeline over a built TFDS dataset (emo_jax.data)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, process_index: int | None = None, process_count: int | None = None):
+        """process_index/count: this process's shard of the documents (default: jax's)."""
         from emo_jax.data import pipeline
         c = config.data
         self._pipeline = pipeline
         self.iterator = pipeline.make_train_iterator(
             c.data_dir, c.dataset, seq_len=c.seq_len, global_batch_size=c.global_batch_size, seed=c.seed,
-            tokenizer_path=c.tokenizer or None, num_workers=c.num_workers, shuffle_rows=c.shuffle_rows)
+            tokenizer_path=c.tokenizer or None, num_workers=c.num_workers, shuffle_rows=c.shuffle_rows,
+            process_index=process_index, process_count=process_count)
         source = pipeline.open_data_source(c.data_dir, c.dataset, "train")
         self.domains = source.domains
 

@@ -1,13 +1,16 @@
 """Orbax checkpoints of the train state, the data iterator and the config.
 
 One step directory holds three items: `state` (params, optimizer state, step;
-sharded arrays), `data` (the data iterator's JSON state) and `meta` (the config and
-the base RNG seed), plus `integrity.json`: the size and SHA-256 of every file of the
+sharded arrays), `data` (every process's data iterator position, one JSON file per
+process: `data/process_<i>-of-<n>.json`) and `meta` (the config, the base RNG seed and
+the process count), plus `integrity.json`: the size and SHA-256 of every file of the
 items, written after orbax has finished the files and before it commits the step
 directory (so every committed step has one). Restoring verifies it, and checks the
 config's model, routing, loss and optimizer sections against the run's; a corrupt
 step is moved aside with a warning and the previous good one is used, and when no
-step is good the error is one line naming them.
+step is good the error is one line naming them. A checkpoint written by another number
+of processes stops the resume with one line naming both counts: each process's data
+position belongs to its own shard of the documents, and shards change with the count.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from emo_jax.config import Config, to_dict
 
@@ -186,6 +190,88 @@ def prepare_directory(directory: Path, what: str) -> None:
                               "train.run_dir.") from None
 
 
+# ------------------------------------------------------------- per-process data state
+
+DATA_ITEM = "data"
+_LEGACY_DATA_FILE = "metadata"  # the single JSON file of the data item before per-process files
+
+
+def _process_index_and_count() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def data_state_file(index: int, count: int) -> str:
+    return f"process_{index}-of-{count}.json"
+
+
+def saved_process_counts(data_dir: Path) -> set[int]:
+    """The process counts whose data files `data_dir` holds ({1} for a pre-per-process checkpoint)."""
+    counts = set()
+    for path in Path(data_dir).glob("process_*-of-*.json"):
+        count = path.stem.rpartition("-of-")[2]
+        if count.isdigit():
+            counts.add(int(count))
+    if not counts and (Path(data_dir) / _LEGACY_DATA_FILE).is_file():
+        counts.add(1)
+    return counts
+
+
+class ProcessDataHandler(ocp.CheckpointHandler):
+    """Every process writes and reads its own data iterator state (JSON) in the item's
+    directory. orbax's JSON handler writes on process 0 only: every host would resume
+    host 0's position, re-reading its documents and skipping its own."""
+
+    def save(self, directory: epath.Path, args: "ProcessDataSave") -> None:
+        index, count = _process_index_and_count()
+        target = Path(directory) / data_state_file(index, count)
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(args.state))
+        os.replace(tmp, target)
+
+    def restore(self, directory: epath.Path, args: "ProcessDataRestore | None" = None) -> dict:
+        index, count = _process_index_and_count()
+        path = Path(directory) / data_state_file(index, count)
+        if not path.is_file() and count == 1 and (Path(directory) / _LEGACY_DATA_FILE).is_file():
+            path = Path(directory) / _LEGACY_DATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def structure(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessDataSave(ocp.args.CheckpointArgs):
+    state: dict
+
+
+@ocp.args.register_with_handler(ProcessDataHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessDataRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def check_process_count(step_dir: Path, process_count: int) -> None:
+    """One-line CheckpointError when `step_dir`'s data positions are another process count's."""
+    counts = saved_process_counts(Path(step_dir) / DATA_ITEM)
+    if counts and process_count not in counts:
+        saved = max(counts)
+        raise CheckpointError(f"checkpoint {step_dir} was written by {saved} process(es) but this run has "
+                              f"{process_count}: every process resumes its own shard of the data; restart with "
+                              f"{saved} processes, or use a new train.run_dir.")
+
+
 # ------------------------------------------------------------------------ checkpointer
 
 
@@ -224,9 +310,10 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None, config: Config, seed: int,
              force: bool = False) -> bool:
-        meta = {"config": to_dict(config), "seed": seed, "step": step}
+        meta = {"config": to_dict(config), "seed": seed, "step": step,
+                "process_count": _process_index_and_count()[1]}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state or {}),
+                                  data=ProcessDataSave(data_state or {}),
                                   meta=ocp.args.JsonSave(meta))
         with self._write_errors(self._saving):
             self.manager.wait_until_finished()  # a failure of the previous (async) save is reported here
@@ -284,9 +371,10 @@ class Checkpointer:
         except Exception as err:  # orbax raises many types for unreadable files
             return None, f"meta unreadable: {type(err).__name__}: {_first_line(err)}"
         check_config_matches(meta.get("config", {}), config, step_dir)
+        check_process_count(step_dir, _process_index_and_count()[1])
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract_state), data=ProcessDataRestore()))
         except Exception as err:
             return None, f"state unreadable ({type(err).__name__}: {_first_line(err)}); corrupt or from another model"
         leaf = _nonfinite_leaf(restored["state"])
