@@ -89,7 +89,7 @@ def train_twins(configs: dict[str, Config], log: Callable[[str], None]) -> dict[
         else:
             log(f"{name}: training {cfg.train.steps} steps into {cfg.train.run_dir}")
             if train(cfg).stopped_by_signal:
-                raise ModularError(f"{name} training was stopped by SIGTERM (checkpoint saved); run the same "
+                raise ModularError(f"{name} training was stopped by a signal (SIGTERM or Ctrl-C; checkpoint saved); run the same "
                                    "command again to resume.")
         seconds[name] = time.perf_counter() - start
     return seconds
