@@ -94,3 +94,21 @@ def out_struct(shape, dtype, like=None) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
     vma = getattr(aval, "vma", None)  # pragma: no cover - older jax
     return jax.ShapeDtypeStruct(shape, dtype, vma=vma) if vma is not None else jax.ShapeDtypeStruct(shape, dtype)
+
+
+def splash_attention_module():
+    """jax's TPU splash attention (Pallas/Mosaic), imported lazily.
+
+    `jax.experimental.pallas.ops.tpu.splash_attention` on jax 0.10-0.12: make_splash_mha,
+    MultiHeadMask, CausalMask, SegmentIds, BlockSizes."""
+    from jax.experimental.pallas.ops.tpu import splash_attention
+    return splash_attention
+
+
+def gpu_flash_attention_module():
+    """jax's GPU flash attention (Pallas/Triton), imported lazily.
+
+    `jax.experimental.pallas.ops.gpu.attention` on jax 0.10-0.12: mha(q, k, v,
+    segment_ids, sm_scale, causal, block_sizes, ..., interpret) on [B, S, H, D], BlockSizes."""
+    from jax.experimental.pallas.ops.gpu import attention
+    return attention
