@@ -7,7 +7,9 @@
 # Allocators: system (glibc defaults), glibc_tuned (glibc with MALLOC_MMAP_THRESHOLD_ and
 # MALLOC_TRIM_THRESHOLD_ raised so freed blocks stay in the heap; glibc caps the mmap
 # threshold at 32 MiB, larger blocks are still mapped and unmapped), jemalloc and
-# tcmalloc (LD_PRELOAD; skipped when not found). Extra arguments go to bench_step.py.
+# tcmalloc (LD_PRELOAD; skipped when not found); jemalloc_tuned is jemalloc with the
+# MALLOC_CONF of launch/allocator.sh (no separate arena that frees blocks over 8 MiB
+# at once). Extra arguments go to bench_step.py.
 set -u
 cd "$(dirname "$0")/.."
 source launch/allocator.sh
@@ -15,11 +17,12 @@ PY=${PYTHON:-.venv/bin/python}
 JEMALLOC=${JEMALLOC:-$(emo_find_jemalloc)}
 TCMALLOC=${TCMALLOC:-$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -1)}
 for repeat in $(seq "${REPEATS:-2}"); do
-  for alloc in system glibc_tuned jemalloc tcmalloc; do
+  for alloc in system glibc_tuned jemalloc jemalloc_tuned tcmalloc; do
     env_args=(LD_PRELOAD=)
     case $alloc in
       glibc_tuned) env_args+=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824) ;;
       jemalloc) [ -n "$JEMALLOC" ] || continue; env_args=(LD_PRELOAD="$JEMALLOC") ;;
+      jemalloc_tuned) [ -n "$JEMALLOC" ] || continue; env_args=(LD_PRELOAD="$JEMALLOC" MALLOC_CONF="$EMO_JEMALLOC_CONF") ;;
       tcmalloc) [ -n "$TCMALLOC" ] || continue; env_args=(LD_PRELOAD="$TCMALLOC") ;;
     esac
     echo "== repeat $repeat: $alloc"

@@ -4,6 +4,12 @@
 # blocks to the kernel at every free, so each step page-faults them in again, while
 # jemalloc keeps freed pages for the next step (BUILD_NOTES.md, "Issue 16a").
 # EMO_ALLOCATOR=system turns it off.
+#
+# oversize_threshold:0 -- by default jemalloc serves blocks over 8 MiB from an arena
+# that purges them as soon as they are freed, which is exactly glibc's behaviour for
+# XLA's big temporaries (measured: as many page faults as glibc); 0 turns that arena
+# off so the freed blocks are reused by the next step. A MALLOC_CONF already set wins.
+EMO_JEMALLOC_CONF="oversize_threshold:0"
 
 emo_find_jemalloc() {
   local lib
@@ -24,4 +30,5 @@ emo_preload_allocator() {
   fi
   case ":${LD_PRELOAD:-}:" in *":$lib:"*) return 0 ;; esac
   export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  export MALLOC_CONF="${MALLOC_CONF:-$EMO_JEMALLOC_CONF}"
 }
