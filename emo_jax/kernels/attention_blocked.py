@@ -74,6 +74,7 @@ class _Tiles:
     def __init__(self, seq: int, block_q: int, block_k: int):
         if block_q < 1 or block_k < 1:
             raise ValueError(f"attention block sizes must be positive, got block_q={block_q}, block_k={block_k}.")
+        block_q, block_k = min(block_q, seq), min(block_k, seq)  # a short sequence is one tile
         step = block_q * block_k // math.gcd(block_q, block_k)
         self.block_q, self.block_k = block_q, block_k
         self.padded = -(-seq // step) * step
@@ -183,7 +184,7 @@ def _prepare(q, k, v, segment_ids, block_q, block_k):
     to_heads = lambda x: _pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
     seg = _pad_to(segment_ids.astype(jnp.int32), tiles.padded, axis=1, value=_FILL_SEGMENT)
     scale = 1.0 / math.sqrt(dim)
-    lo = key_block_starts(seg, block_q, block_k)
+    lo = key_block_starts(seg, tiles.block_q, tiles.block_k)
     return to_heads(q) * scale, to_heads(k), to_heads(v), seg, lo, tiles, scale
 
 
