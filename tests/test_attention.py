@@ -118,7 +118,7 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents():
     assert all(np.isfinite(np.asarray(g[:, 32:])).all() for g in grads)
 
 
-def _temp_bytes(seq: int, block: int, kernel) -> int:
+def _temp_bytes(seq: int, kernel) -> int:
     q = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)
     seg = jax.ShapeDtypeStruct((1, seq), jnp.int32)
     grad = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(kernel(q, k, v, s)), argnums=(0, 1, 2)))
@@ -129,8 +129,8 @@ def test_blocked_memory_linear_in_sequence():
     """Compiled scratch memory of forward+backward grows ~4x from S=512 to 2048 for the
     blocked kernel (linear), ~16x for the reference (its [B, H, S, S] scores)."""
     fn = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128)  # noqa: E731
-    blocked = _temp_bytes(2048, 128, fn) / _temp_bytes(512, 128, fn)
-    reference = _temp_bytes(2048, 128, attn.reference_attention) / _temp_bytes(512, 128, attn.reference_attention)
+    blocked = _temp_bytes(2048, fn) / _temp_bytes(512, fn)
+    reference = _temp_bytes(2048, attn.reference_attention) / _temp_bytes(512, attn.reference_attention)
     assert blocked < 6, blocked
     assert reference > 8, reference
 
