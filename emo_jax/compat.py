@@ -133,3 +133,20 @@ def nnx_data(value):
     """Marks a container attribute of an nnx.Module as data (flax >= 0.12 wants it spelled out)."""
     from flax import nnx
     return nnx.data(value) if hasattr(nnx, "data") else value
+
+def splash_attention_module():
+    """jax's TPU splash attention (Pallas/Mosaic), imported lazily.
+
+    `jax.experimental.pallas.ops.tpu.splash_attention` on jax 0.10-0.12: make_splash_mha,
+    MultiHeadMask, CausalMask, SegmentIds, BlockSizes."""
+    from jax.experimental.pallas.ops.tpu import splash_attention
+    return splash_attention
+
+
+def gpu_flash_attention_module():
+    """jax's GPU flash attention (Pallas/Triton), imported lazily.
+
+    `jax.experimental.pallas.ops.gpu.attention` on jax 0.10-0.12: mha(q, k, v,
+    segment_ids, sm_scale, causal, block_sizes, ..., interpret) on [B, S, H, D], BlockSizes."""
+    from jax.experimental.pallas.ops.gpu import attention
+    return attention

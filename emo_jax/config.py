@@ -116,6 +116,13 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
+    # Causal attention within documents (emo_jax.kernels.attention, docs/attention.md):
+    # "reference" = S x S mask + jax.nn.dot_product_attention (quadratic memory),
+    # "blocked" = pure-JAX flash-style loop over blocks (linear memory, any backend),
+    # "splash" = Pallas splash attention (TPU), "flash_gpu" = Pallas flash attention
+    # (GPU). "auto" = blocked on CPU, splash on TPU, flash_gpu on GPU.
+    attention: Literal["auto", "reference", "blocked", "splash", "flash_gpu"] = "auto"
+    attention_block: int = 128  # query / key rows per tile of blocked, splash, flash_gpu
     # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
     # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
@@ -379,6 +386,7 @@ _RANGES: dict[str, tuple] = {
     "optimizer.eps": _POS,
     "optimizer.weight_decay": _NONNEG,
     "optimizer.grad_clip": _POS,
+    "kernels.attention_block": _POS,
     "data.seq_len": _POS,
     "data.global_batch_size": _POS,
     "data.num_workers": _NONNEG,

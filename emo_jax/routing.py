@@ -102,10 +102,20 @@ def document_pool(scores: Array, pool_sizes: Array) -> Array:
     scores: f32[B, G, N]; pool_sizes: i32[B, G] (>= N means all experts).
     Returns bool[B, G, N]. Ties go to the lower expert index.
     """
+    # One sort of the values (no argsort, no inverse permutation): with v the d-th
+    # largest score, the pool is every expert above v plus the first (d - #above)
+    # experts equal to v in index order -- exactly the top-d of a stable descending
+    # argsort (rank < d), ties included.
     scores = jax.lax.stop_gradient(scores)
-    order = jnp.argsort(-scores, axis=-1, stable=True)  # experts, best first
-    rank = jnp.argsort(order, axis=-1, stable=True)  # rank of each expert
-    return rank < pool_sizes[..., None]
+    n_routed = scores.shape[-1]
+    size = jnp.clip(pool_sizes, 0, n_routed)[..., None]  # i32[B, G, 1]
+    descending = -jnp.sort(-scores, axis=-1)  # f32[B, G, N]
+    threshold = jnp.take_along_axis(descending, jnp.maximum(size - 1, 0), axis=-1)  # f32[B, G, 1]
+    above = scores > threshold
+    tied = scores == threshold
+    tie_rank = jnp.cumsum(tied.astype(jnp.int32), axis=-1)  # 1-based among the tied, by index
+    room = size - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    return (above | (tied & (tie_rank <= room))) & (size > 0)
 
 
 def token_pool_mask(pool: Array, segment_ids: Array) -> Array:

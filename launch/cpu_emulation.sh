@@ -8,5 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export JAX_PLATFORMS=cpu
+source launch/allocator.sh && emo_preload_allocator  # jemalloc when installed (fewer page faults)
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES:-8} ${XLA_FLAGS:-}"
 exec .venv/bin/emo-jax "$@"

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 bash launch/setup.sh
 bash launch/install_corpus_sources.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+source launch/allocator.sh && emo_preload_allocator  # jemalloc when installed (fewer page faults)
 if [ ! -d data_cache/emo_corpus ]; then
   .venv/bin/emo-jax data build
 fi

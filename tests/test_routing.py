@@ -238,6 +238,25 @@ def test_pool_ties_go_to_lower_index():
     assert not np.any(np.asarray(out.expert_ids) == 5)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_document_pool_one_sort_equals_double_argsort(seed):
+    """document_pool (one sort of the values plus a threshold) picks exactly the experts
+    of the two stable argsorts it replaced, on scores full of ties (values drawn from a
+    few levels, whole rows of zeros) and pool sizes from 0 to past N."""
+    rng = np.random.default_rng(seed)
+    n = 9
+    scores = rng.integers(0, 4, (3, 7, n)).astype(np.float32) / 4.0
+    scores[0, 0] = 0.0
+    scores[1, 2] = 0.5
+    sizes = rng.integers(0, n + 3, (3, 7)).astype(np.int32)
+    sizes[2] = np.arange(7)  # every size from 0 up
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    rank = np.argsort(order, axis=-1, kind="stable")
+    expected = rank < sizes[..., None]
+    got = np.asarray(jax.jit(routing.document_pool)(jnp.asarray(scores), jnp.asarray(sizes)))
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_document_piece_in_each_row_gets_its_own_pool():
     """A document cut by the row boundary: each row's piece is pooled on its own."""
     n, k, seq = 6, 1, 8

@@ -7,14 +7,19 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from emo_jax.config import ModelConfig
+from emo_jax.kernels.attention import AttentionFn, reference_attention
 from emo_jax.model import kv_cache
-from emo_jax.model.layers import RMSNorm, causal_segment_mask, dense_init, param_with_axes, rope
+from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, rope
 
 Array = jax.Array
 
 
 class Attention(nn.Module):
     config: ModelConfig
+    # (q, k, v, segment_ids) -> out, all [B, S, H, Dh]: the training / prefill kernel
+    # (emo_jax.kernels.attention; config kernels.attention). Decoding with a KV cache
+    # attends over the cache instead.
+    attention_fn: AttentionFn = reference_attention
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array:
@@ -40,8 +45,7 @@ class Attention(nn.Module):
             for name, value in cache.items():
                 self.put_variable("cache", name, value)
         else:
-            mask = causal_segment_mask(segment_ids)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = self.attention_fn(q, k, v, segment_ids)
         w_o = param_with_axes(self, "o_proj", init, (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype,
                               ("heads", "head_dim", "embed"))
         return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dtype))

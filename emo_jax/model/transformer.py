@@ -8,6 +8,7 @@ import flax.linen as nn
 
 from emo_jax import inputs, routing
 from emo_jax.config import Config, ModelConfig, RoutingConfig
+from emo_jax.kernels.attention import AttentionFn, attention_for, reference_attention
 from emo_jax.model.attention import Attention
 from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, segment_positions
 from emo_jax.model.moe_block import MoEBlock
@@ -23,6 +24,7 @@ class Block(nn.Module):
     routing_config: RoutingConfig
     moe_fn: MoELayerFn = moe_layer
     n_experts: int | None = None  # this layer's experts (pruned models); None = config.n_experts
+    attention_fn: AttentionFn = reference_attention
 
     @nn.compact
     def __call__(self, x, segment_ids, router_segments, positions, train: bool):
@@ -31,7 +33,7 @@ class Block(nn.Module):
         pdtype = jnp.dtype(cfg.param_dtype)
         attn_norm = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="attention_norm")
         ffn_norm = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="feedforward_norm")
-        attention = Attention(cfg, name="attention")
+        attention = Attention(cfg, self.attention_fn, name="attention")
         moe = MoEBlock(cfg, self.routing_config, self.moe_fn, self.n_experts, name="moe")
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if cfg.norm_placement == "pre":
@@ -54,6 +56,7 @@ class EmoTransformer(nn.Module):
     config: ModelConfig
     routing_config: RoutingConfig
     moe_fn: MoELayerFn = moe_layer
+    attention_fn: AttentionFn = reference_attention  # build_model: the kernel of config.kernels.attention
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None,
@@ -80,7 +83,8 @@ class EmoTransformer(nn.Module):
             block_cls = nn.remat(Block, static_argnums=(5,))
         layer_stats = []
         for layer in range(cfg.n_layers):
-            block = block_cls(cfg, self.routing_config, self.moe_fn, cfg.expert_counts[layer], name=f"layer_{layer}")
+            block = block_cls(cfg, self.routing_config, self.moe_fn, cfg.expert_counts[layer], self.attention_fn,
+                              name=f"layer_{layer}")
             x, stats = block(x, segment_ids, router_segments, positions, train)
             layer_stats.append(stats)
         x = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="final_norm")(x)
@@ -110,7 +114,9 @@ def stack_layer_stats(layer_stats: list[routing.RoutingStats]) -> routing.Routin
 
 def build_model(config: Config, moe_fn: MoELayerFn | None = None) -> EmoTransformer:
     """The decoder of `config`; `moe_fn` defaults to the single-device MoE layer with
-    the grouped-matmul backend of `config.kernels.moe_backend`."""
+    the grouped-matmul backend of `config.kernels.moe_backend`; attention uses the kernel
+    of `config.kernels.attention` ('auto': the one for jax's default backend)."""
     if moe_fn is None:
         moe_fn = make_moe_layer(config.kernels.moe_backend)
-    return EmoTransformer(config.model, config.routing, moe_fn)
+    attention_fn = attention_for(config.kernels.attention, config.kernels.attention_block)
+    return EmoTransformer(config.model, config.routing, moe_fn, attention_fn)

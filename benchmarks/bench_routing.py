@@ -1,0 +1,82 @@
+"""Cost of EMO's document pool over standard routing, per MoE layer, forward+backward.
+
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_routing.py        (~1 minute on 2 cores)
+
+`routing.route` at issue 16's S2 shape (B 8, S 512, 63 routed experts, top-7 routed,
+G = S + 1 segment slots, pool sizes UniformInt[8, 64], 4 documents per row), as
+jit(value_and_grad) of the gates and probabilities, for: standard routing (no pool), the
+pool (one sort, now), and the pool with the two stable argsorts it used before issue 16.
+Median of --rounds alternating rounds. The pool's overhead over standard routing is
+(pool - standard) x layers; divide by a measured standard training step
+(benchmarks/bench_step.py) for its share of the step (--step-seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emo_jax import routing
+
+
+def document_pool_two_argsorts(scores, pool_sizes):
+    """routing.document_pool as it was before issue 16."""
+    scores = jax.lax.stop_gradient(scores)
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1, stable=True)
+    return rank < pool_sizes[..., None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--step-seconds", type=float, default=None, help="a measured standard-routing step")
+    args = parser.parse_args()
+    batch, seq, n_routed, k_r = 8, 512, 63, 7
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(batch, seq, n_routed)), jnp.float32)
+    segs = jnp.asarray(np.broadcast_to(1 + np.arange(seq) * 4 // seq, (batch, seq)).astype(np.int32))
+    sizes = routing.draw_pool_sizes(jax.random.PRNGKey(0), (batch, seq + 1), 8, 64)
+
+    def objective(pool_sizes):
+        def f(z):
+            r = routing.route(z, segs, k_r, pool_sizes, num_segments=seq + 1)
+            return jnp.sum(r.gates) + jnp.sum(r.probs * r.probs) + jnp.sum(r.stats.router_z_sum)
+        return jax.jit(jax.value_and_grad(f))
+
+    fns = {"standard": objective(None), "pool (one sort)": objective(sizes)}
+    saved = routing.document_pool
+    routing.document_pool = document_pool_two_argsorts
+    try:
+        fns["pool (two argsorts, before)"] = objective(sizes)
+        jax.block_until_ready(fns["pool (two argsorts, before)"](logits))  # traced with the old pool
+    finally:
+        routing.document_pool = saved
+    for fn in fns.values():
+        jax.block_until_ready(fn(logits))
+    times = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(logits))
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; route() forward+backward, B {batch}, S {seq}, "
+          f"N {n_routed}, k_r {k_r}; median of {args.rounds} alternating rounds")
+    share = f" | overhead / step ({args.step_seconds:.2f} s)" if args.step_seconds else ""
+    print(f"| routing | ms per layer | overhead vs standard, {args.layers} layers (ms){share} |")
+    print("|---|---|---|" + ("---|" if share else ""))
+    for name, t in med.items():
+        extra = (t - med["standard"]) * args.layers
+        cell = f" | {100 * extra / args.step_seconds:.2f}%" if args.step_seconds else ""
+        print(f"| {name} | {1000 * t:.2f} | {1000 * extra:.1f}{cell} |")
+
+
+if __name__ == "__main__":
+    main()

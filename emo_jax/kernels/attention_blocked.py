@@ -1,0 +1,220 @@
+"""Blocked (flash-style) causal attention within segments, in pure JAX (docs/attention.md).
+
+Never builds a [B, H, S, S] tensor: the sequence is cut into query blocks of `block_q`
+and key blocks of `block_k` rows; for every query block a loop runs over the key
+blocks that can hold a visible key, with an online softmax (running max, running sum,
+running output). The key blocks of query block i run from `lo[i]` to `hi(i)`:
+  hi(i)  the block holding the last query of block i (causal: blocks above the
+         diagonal are never visited);
+  lo[i]  the block holding the first key of the earliest document any query of block
+         i belongs to, over all rows of the batch (blocks wholly before every one of
+         those documents are never visited).
+Inside a visited tile the exact mask (key <= query, same segment) is applied, so the
+result equals the reference for any segment layout (non-contiguous ids only visit
+more tiles). The backward pass is hand-written (custom_vjp): it keeps only q, k, v,
+the output and the log-sum-exp per query, and recomputes each tile's probabilities,
+so memory stays linear in S in both passes.
+
+The loops slice the sequence axis only; the batch and head axes stay whole inside a
+tile, so a batch sharded over a mesh stays sharded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Visible to padding-of-the-padding only: the rows added to reach a whole block.
+_FILL_SEGMENT = -1
+
+
+def first_occurrence(segment_ids: Array) -> Array:
+    """Index of the first token of each token's segment in its row. i32[B, S] -> i32[B, S].
+
+    One stable sort per row, so segment ids need not be contiguous or ordered.
+    """
+    batch, seq = segment_ids.shape
+    order = jnp.argsort(segment_ids, axis=1, stable=True)  # [B, S]
+    ordered = jnp.take_along_axis(segment_ids, order, axis=1)
+    index = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    run_start = jnp.concatenate([jnp.ones((batch, 1), bool), ordered[:, 1:] != ordered[:, :-1]], axis=1)
+    first_in_run = jax.lax.cummax(jnp.where(run_start, index, 0), axis=1)  # position in `order`
+    first_sorted = jnp.take_along_axis(order, first_in_run, axis=1).astype(jnp.int32)
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    return jnp.zeros((batch, seq), jnp.int32).at[rows, order].set(first_sorted)
+
+
+def key_block_starts(segment_ids: Array, block_q: int, block_k: int) -> Array:
+    """lo[i]: first key block any query of query block i can see, over the whole batch.
+
+    segment_ids: i32[B, Sp] with Sp a multiple of block_q. Returns i32[Sp // block_q].
+    """
+    first = first_occurrence(segment_ids)  # [B, Sp]
+    per_block = first.reshape(first.shape[0], -1, block_q).min(axis=(0, 2))  # [NQ]
+    return (per_block // block_k).astype(jnp.int32)
+
+
+def _pad_to(x: Array, length: int, axis: int, value=0) -> Array:
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+class _Tiles:
+    """Static tiling of one call: block sizes, padded length, block counts."""
+
+    def __init__(self, seq: int, block_q: int, block_k: int):
+        if block_q < 1 or block_k < 1:
+            raise ValueError(f"attention block sizes must be positive, got block_q={block_q}, block_k={block_k}.")
+        block_q, block_k = min(block_q, seq), min(block_k, seq)  # a short sequence is one tile
+        step = block_q * block_k // math.gcd(block_q, block_k)
+        self.block_q, self.block_k = block_q, block_k
+        self.padded = -(-seq // step) * step
+        self.n_q = self.padded // block_q
+
+    def last_key_block(self, i: Array) -> Array:
+        """hi(i): the key block holding the last query of query block i."""
+        return ((i + 1) * self.block_q - 1) // self.block_k
+
+
+def _tile_mask(seg_q: Array, seg_k: Array, q_start: Array, k_start: Array) -> Array:
+    """bool[B, 1, bq, bk]: key visible to query (key <= query, same segment)."""
+    pos_q = q_start + jnp.arange(seg_q.shape[1], dtype=jnp.int32)
+    pos_k = k_start + jnp.arange(seg_k.shape[1], dtype=jnp.int32)
+    causal = pos_k[None, :] <= pos_q[:, None]
+    same = seg_q[:, :, None] == seg_k[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles) -> tuple[Array, Array]:
+    """q, k, v: f32[B, H, Sp, D] (q already scaled); seg: i32[B, Sp]; lo: i32[NQ].
+
+    Returns (out f32[B, H, Sp, D], lse f32[B, H, Sp]).
+    """
+    bq, bk = tiles.block_q, tiles.block_k
+    batch, heads, _, dim = q.shape
+
+    def query_block(i, outputs):
+        out, lse = outputs
+        q_start = i * bq
+        q_i = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=2)  # [B, H, bq, D]
+        seg_q = jax.lax.dynamic_slice_in_dim(seg, q_start, bq, axis=1)
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            k_start = j * bk
+            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
+            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
+            s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
+            s = jnp.where(_tile_mask(seg_q, seg_k, q_start, k_start), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            l = alpha * l + p.sum(axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum("bhqk,bhkd->bhqd", p, v_j)
+            return m_new, l, acc
+
+        init = (jnp.full((batch, heads, bq), -jnp.inf, jnp.float32), jnp.zeros((batch, heads, bq), jnp.float32),
+                jnp.zeros((batch, heads, bq, dim), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo[i], tiles.last_key_block(i) + 1, key_block, init)
+        # Every query sees at least itself (same position, same segment): l > 0.
+        out = jax.lax.dynamic_update_slice_in_dim(out, acc / l[..., None], q_start, axis=2)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), q_start, axis=2)
+        return out, lse
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(q.shape[:3], jnp.float32))
+    return jax.lax.fori_loop(0, tiles.n_q, query_block, init)
+
+
+def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
+    """Gradients of the forward pass with respect to (scaled q, k, v), all f32[B, H, Sp, D]."""
+    bq, bk = tiles.block_q, tiles.block_k
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, H, Sp]: rowsum(dO * O)
+
+    def query_block(i, grads):
+        dq, dk, dv = grads
+        q_start = i * bq
+        q_i = jax.lax.dynamic_slice_in_dim(q, q_start, bq, axis=2)
+        do_i = jax.lax.dynamic_slice_in_dim(d_out, q_start, bq, axis=2)
+        lse_i = jax.lax.dynamic_slice_in_dim(lse, q_start, bq, axis=2)
+        delta_i = jax.lax.dynamic_slice_in_dim(delta, q_start, bq, axis=2)
+        seg_q = jax.lax.dynamic_slice_in_dim(seg, q_start, bq, axis=1)
+
+        def key_block(j, carry):
+            dq_i, dk, dv = carry
+            k_start = j * bk
+            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
+            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
+            s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
+            visible = _tile_mask(seg_q, seg_k, q_start, k_start)
+            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
+            ds = p * (dp - delta_i[..., None])
+            dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j)
+            dk_j = jax.lax.dynamic_slice_in_dim(dk, k_start, bk, axis=2) + jnp.einsum("bhqk,bhqd->bhkd", ds, q_i)
+            dv_j = jax.lax.dynamic_slice_in_dim(dv, k_start, bk, axis=2) + jnp.einsum("bhqk,bhqd->bhkd", p, do_i)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, k_start, axis=2)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k_start, axis=2)
+            return dq_i, dk, dv
+
+        dq_i, dk, dv = jax.lax.fori_loop(lo[i], tiles.last_key_block(i) + 1, key_block,
+                                         (jnp.zeros_like(q_i), dk, dv))
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, q_start, axis=2)
+        return dq, dk, dv
+
+    zeros = jnp.zeros(q.shape, jnp.float32)
+    return jax.lax.fori_loop(0, tiles.n_q, query_block, (zeros, zeros, zeros))
+
+
+def _prepare(q, k, v, segment_ids, block_q, block_k):
+    """[B, S, H, D] inputs -> f32[B, H, Sp, D] (q scaled), padded segments, lo, tiles."""
+    seq, dim = q.shape[1], q.shape[-1]
+    tiles = _Tiles(seq, block_q, block_k)
+    to_heads = lambda x: _pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
+    seg = _pad_to(segment_ids.astype(jnp.int32), tiles.padded, axis=1, value=_FILL_SEGMENT)
+    scale = 1.0 / math.sqrt(dim)
+    lo = key_block_starts(seg, tiles.block_q, tiles.block_k)
+    return to_heads(q) * scale, to_heads(k), to_heads(v), seg, lo, tiles, scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q: int = 128,
+                      block_k: int = 128) -> Array:
+    """Causal attention inside segments, scale 1/sqrt(D), without an S x S tensor.
+
+    q, k, v: [B, S, H, D]; segment_ids: i32[B, S] (equal ids attend to each other,
+    padding 0 included, as `layers.causal_segment_mask`). Returns [B, S, H, D] in q's
+    dtype; S need not be a multiple of the block sizes.
+    """
+    out, _ = _blocked_fwd(q, k, v, segment_ids, block_q, block_k)
+    return out
+
+
+def _blocked_fwd(q, k, v, segment_ids, block_q, block_k):
+    qs, kh, vh, seg, lo, tiles, scale = _prepare(q, k, v, segment_ids, block_q, block_k)
+    out, lse = _forward(qs, kh, vh, seg, lo, tiles)
+    result = jnp.swapaxes(out[:, :, :q.shape[1]], 1, 2).astype(q.dtype)
+    return result, (q, k, v, segment_ids, out, lse)
+
+
+def _blocked_bwd(block_q, block_k, residuals, d_result):
+    q, k, v, segment_ids, out, lse = residuals
+    qs, kh, vh, seg, lo, tiles, scale = _prepare(q, k, v, segment_ids, block_q, block_k)
+    d_out = _pad_to(jnp.swapaxes(d_result.astype(jnp.float32), 1, 2), tiles.padded, axis=2)
+    dq, dk, dv = _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
+    back = lambda x, like: jnp.swapaxes(x[:, :, :like.shape[1]], 1, 2).astype(like.dtype)  # noqa: E731
+    return back(dq * scale, q), back(dk, k), back(dv, v), None
+
+
+blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
