@@ -117,11 +117,12 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
-    # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
+    # "capacity" = batched matmuls over a per-expert capacity slab, dropless (fastest on
+    # CPU), "blocked" = expert-aligned row blocks, "pallas" = Pallas kernels for
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
-    # on CPU, correctness only). "auto" = blocked on CPU, reference elsewhere: pallas is
+    # on CPU, correctness only). "auto" = capacity on CPU, reference elsewhere: pallas is
     # opt-in until measured on an accelerator (docs/kernels.md#pallas-backend).
-    moe_backend: Literal["auto", "reference", "blocked", "pallas"] = "auto"
+    moe_backend: Literal["auto", "reference", "capacity", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.
     transport: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"

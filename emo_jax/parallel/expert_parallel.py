@@ -93,11 +93,13 @@ def local_group_keys(recv_counts: Array, rows: int, chunk_capacity: int | None) 
 
 
 def _local_experts(x_recv: Array, keys: Array, n_local: int, w_gate: Array, w_up: Array,
-                   w_down: Array, backend: MoEBackend) -> Array:
+                   w_down: Array, backend: MoEBackend, expected_rows: int) -> Array:
     """Runs the rows of a receive buffer through their local experts, in buffer order:
-    an MoE with one copy per row and gate 1; rows holding nothing (key E_l) give 0."""
+    an MoE with one copy per row and gate 1; rows holding nothing (key E_l) give 0.
+    expected_rows: the rows a device receives on average (M, what it sends)."""
     ones = jnp.ones((keys.shape[0], 1), jnp.float32)
-    return backend.moe_ffn(x_recv, keys[:, None], ones, keys < n_local, w_gate, w_up, w_down)
+    ffn = kernels.local_expert_ffn(backend, expected_rows)
+    return ffn(x_recv, keys[:, None], ones, keys < n_local, w_gate, w_up, w_down)
 
 
 def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, backend: MoEBackend) -> Array:
@@ -110,7 +112,7 @@ def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, back
     send = jnp.where(send_valid[..., None], x_sorted[jnp.clip(src, 0, m - 1)], 0)
     recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [P, M, D]: recv[q] came from peer q
     keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=m)
-    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights, backend).reshape(n_peers, m, d)
+    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights, backend, m).reshape(n_peers, m, d)
     back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0)  # back[p]: results of what I sent to p
     # Sorted copy i went to peer p = its expert's owner, as row i - send_offsets[p].
     peer = jnp.sum(row[:, None] >= plan.send_offsets[None, 1:], axis=1)
@@ -152,7 +154,7 @@ def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emu
     recv = exchange(x_sorted, jnp.zeros((n_peers * m, d), x_sorted.dtype), plan.send_offsets,
                     plan.send_sizes, remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)
     keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=None)
-    y = _local_experts(recv, keys, n_local, *weights, backend)
+    y = _local_experts(recv, keys, n_local, *weights, backend, m)
     # Back: my chunk from peer q returns to q's sorted buffer at q's send offset for me.
     all_send_offsets = jax.lax.all_gather(plan.send_offsets, EXPERT_AXIS)  # [q, p]
     back_offsets = all_send_offsets[:, me]
