@@ -126,6 +126,10 @@ class KernelConfig:
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.
     transport: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
+    # Rows per peer of the dense all_to_all buffer, in units of the mean (M / P token
+    # copies per peer): a step that would overflow it uses the worst-case [P, M, D]
+    # buffer instead, so no token is ever dropped (docs/kernels.md#expert-parallel-exchange).
+    exchange_capacity: float = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +368,7 @@ _RANGES: dict[str, tuple] = {
     **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
                                     "rope_theta", "norm_eps", "n_experts", "top_k", "expert_hidden", "init_std")},
     "model.n_shared_experts": _NONNEG,
+    "kernels.exchange_capacity": _POS,
     **{f"routing.{k}": (1, None, True, False) for k in ("pool_size", "pool_min", "pool_max", "eval_pool_size")},
     "routing.eos_id": _NONNEG,
     **{f"loss.{k}": _NONNEG for k in ("lb_weight", "router_z_weight", "output_z_weight")},

@@ -58,6 +58,7 @@ class SlabLayout(NamedTuple):
     """Where each sorted row lives: its slab slot, or the overflow path."""
 
     dest: Array  # i32[M]  slab row e * C + i, or E * C (a sink row) for overflow/padding rows
+    slot_row: Array  # i32[E * C]  the sorted row held by each slab slot, or M (none)
     group_start: Array  # i32[E]  first sorted row of each group
     group_sizes: Array  # i32[E]
     overflow_blocks: Array  # i32[E]  ceil(max(size - C, 0) / R)
@@ -76,16 +77,18 @@ def slab_layout(group_sizes: Array, rows: int, capacity: int, block_rows: int) -
     pos = row - start[expert]
     in_slab = (row < end[-1]) & (pos < capacity)
     dest = jnp.where(in_slab, expert * capacity + pos, num_experts * capacity).astype(jnp.int32)
+    slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, C]
+    slot_row = jnp.where(slot < jnp.minimum(group_sizes, capacity)[:, None], start[:, None] + slot, rows)
     over = jnp.maximum(group_sizes - capacity, 0)
     blocks = (over + block_rows - 1) // block_rows
     first = jnp.cumsum(blocks) - blocks
-    return SlabLayout(dest, start, group_sizes, blocks, first, jnp.sum(blocks).astype(jnp.int32))
+    return SlabLayout(dest, slot_row.reshape(-1).astype(jnp.int32), start, group_sizes, blocks, first, jnp.sum(blocks).astype(jnp.int32))
 
 
-def _to_slab(x: Array, dest: Array, num_experts: int, capacity: int) -> Array:
-    """[M, A] -> [E, C, A]; slots without a row are 0 (rows sent to the sink are dropped)."""
-    slab = jnp.zeros((num_experts * capacity, x.shape[-1]), x.dtype).at[dest].set(x, mode="drop")
-    return slab.reshape(num_experts, capacity, x.shape[-1])
+def _to_slab(x: Array, lay: "SlabLayout", num_experts: int, capacity: int) -> Array:
+    """[M, A] -> [E, C, A]; slots without a row are 0. A gather (each slot reads its
+    row, `lay.slot_row`), not a scatter of rows: XLA:CPU gathers rows much faster."""
+    return x.at[lay.slot_row].get(mode="fill", fill_value=0).reshape(num_experts, capacity, x.shape[-1])
 
 
 def _from_slab(slab: Array, dest: Array) -> Array:
@@ -169,7 +172,7 @@ def _slab_forward(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows):
     rows = x.shape[0]
     num_experts = w_gate.shape[0]
     lay = slab_layout(group_sizes, rows, capacity, block_rows)
-    xs = _to_slab(x, lay.dest, num_experts, capacity)  # [E, C, D]
+    xs = _to_slab(x, lay, num_experts, capacity)  # [E, C, D]
     g = _bmm(xs, w_gate, "ecd,edh->ech", x.dtype)
     u = _bmm(xs, w_up, "ecd,edh->ech", x.dtype)
     h = jax.nn.silu(g) * u
@@ -190,7 +193,7 @@ def _capacity_swiglu_fwd(x, w_gate, w_up, w_down, group_sizes, capacity, block_r
 def _capacity_swiglu_bwd(capacity, block_rows, res, dy):
     x, xs, g, u, w_gate, w_up, w_down, lay = res
     num_experts = w_gate.shape[0]
-    dys = _to_slab(dy, lay.dest, num_experts, capacity)  # overflow rows go to the sink
+    dys = _to_slab(dy, lay, num_experts, capacity)  # overflow rows go to the sink
     f32 = jnp.float32
     g32, u32 = g.astype(f32), u.astype(f32)
     sg = jax.nn.sigmoid(g32)
