@@ -5,6 +5,13 @@ expert parallel (shard_map + all_to_all) on several meshes, printed as a table.
     .venv/bin/python benchmarks/bench_moe.py                  (~2-4 minutes on 2 cores)
   .venv/bin/python benchmarks/bench_moe.py --tokens 8192 --d-model 2048 --experts 128 \\
     --hidden 1024 --top-k 8 --meshes 1x1x1          (EMO's layer, on an accelerator)
+  ... --vs-peers                                     (cost vs P of the dense exchange)
+
+--vs-peers: the expert-parallel layer on meshes 1x1xP (P = 1, 2, 4, 8 emulated devices,
+the same global batch) with the dense all_to_all at three buffer sizes: worst case
+([P, M, D], kernels.exchange_capacity=none), bounded (the --capacity factor, default
+1.5 x M / P rows per peer), and a forced overflow (factor 0.01: every step takes the
+worst-case branch of the cond, which shows its cost when it is taken).
 
 On emulated CPU devices all "devices" share the same cores, so expert parallelism
 cannot be faster than one device here: the table shows what the exchange costs, not
@@ -80,7 +87,11 @@ def main() -> None:
     parser.add_argument("--transport", default="auto")
     parser.add_argument("--ep-backend", default="auto", help="grouped matmul inside the expert-parallel rows")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vs-peers", action="store_true", help="cost-vs-P table of the dense exchange")
+    parser.add_argument("--capacity", type=float, default=1.5, help="exchange capacity factor for --vs-peers")
     a = parser.parse_args()
+    if a.vs_peers:
+        return vs_peers(a)
 
     k_r = a.top_k - a.shared
     args, seg, pools = make_inputs(a.tokens, a.seq, a.d_model, a.hidden, a.experts, a.shared, k_r, a.pool)
@@ -105,6 +116,30 @@ def main() -> None:
         rows.append((f"mesh {shape}, {resolve_transport(a.transport)}", t))
     for name, t in rows:
         print(f"{name:38s} {1e3 * t:10.1f} {flops / t / 1e9:15.2f} {rows[0][1] / t:12.2f}x")
+
+
+def vs_peers(a) -> None:
+    """Cost vs P table (see the module docstring)."""
+    k_r = a.top_k - a.shared
+    args, seg, pools = make_inputs(a.tokens, a.seq, a.d_model, a.hidden, a.experts, a.shared, k_r, a.pool)
+    print(f"MoE layer fwd+bwd vs expert-parallel peers P: T={a.tokens} D={a.d_model} H={a.hidden} E={a.experts} "
+          f"(shared {a.shared}) top-{a.top_k} pool={a.pool or 'none'}; meshes 1x1xP of {jax.device_count()} "
+          f"emulated {jax.devices()[0].device_kind} devices sharing the machine's cores; jax {jax.__version__}; "
+          f"median of {a.repeats}")
+    base = time_layer(make_moe_layer(a.ep_backend), args, seg, pools, k_r, a.shared, a.repeats)
+    print(f"{'P':>2s} {'worst case (ms)':>16s} {'bounded ' + format(a.capacity, 'g') + 'x (ms)':>19s} "
+          f"{'forced overflow (ms)':>21s} {'worst / 1 dev':>14s} {'bounded / 1 dev':>16s}")
+    print(f"{1:2d} {1e3 * base:16.1f} {'(one device, no exchange)':>41s}")
+    for p in (2, 4, 8):
+        if p > jax.device_count():
+            print(f"skip P={p}: needs {p} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+            continue
+        mesh = build_mesh(MeshConfig(data=1, fsdp=1, expert=p), devices=jax.devices()[:p])
+        t = {name: time_layer(make_expert_parallel_moe(mesh, "all_to_all", backend=a.ep_backend, capacity_factor=cf),
+                              args, seg, pools, k_r, a.shared, a.repeats, mesh)
+             for name, cf in (("worst", None), ("bounded", a.capacity), ("overflow", 0.01))}
+        print(f"{p:2d} {1e3 * t['worst']:16.1f} {1e3 * t['bounded']:19.1f} {1e3 * t['overflow']:21.1f} "
+              f"{t['worst'] / base:13.2f}x {t['bounded'] / base:15.2f}x")
 
 
 if __name__ == "__main__":

@@ -124,14 +124,19 @@ class KernelConfig:
     attention: Literal["auto", "reference", "blocked", "splash", "flash_gpu"] = "auto"
     attention_block: int = 128  # query / key rows per tile of blocked, splash, flash_gpu
     # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
-    # "blocked" = expert-aligned row blocks (fast on CPU), "pallas" = Pallas kernels for
+    # "capacity" = batched matmuls over a per-expert capacity slab, dropless (fastest on
+    # CPU), "blocked" = expert-aligned row blocks, "pallas" = Pallas kernels for
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
-    # on CPU, correctness only). "auto" = blocked on CPU, reference elsewhere: pallas is
+    # on CPU, correctness only). "auto" = capacity on CPU, reference elsewhere: pallas is
     # opt-in until measured on an accelerator (docs/kernels.md#pallas-backend).
-    moe_backend: Literal["auto", "reference", "blocked", "pallas"] = "auto"
+    moe_backend: Literal["auto", "reference", "capacity", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense
     # all_to_all with a worst-case buffer elsewhere.
     transport: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
+    # Rows per peer of the dense all_to_all buffer, in units of the mean (M / P token
+    # copies per peer): a step that would overflow it uses the worst-case [P, M, D]
+    # buffer instead, so no token is ever dropped (docs/kernels.md#expert-parallel-exchange).
+    exchange_capacity: float = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +380,7 @@ _RANGES: dict[str, tuple] = {
     **{f"model.{k}": _POS for k in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len",
                                     "rope_theta", "norm_eps", "n_experts", "top_k", "expert_hidden", "init_std")},
     "model.n_shared_experts": _NONNEG,
+    "kernels.exchange_capacity": _POS,
     **{f"routing.{k}": (1, None, True, False) for k in ("pool_size", "pool_min", "pool_max", "eval_pool_size")},
     "routing.eos_id": _NONNEG,
     **{f"loss.{k}": _NONNEG for k in ("lb_weight", "router_z_weight", "output_z_weight")},

@@ -432,7 +432,7 @@ def test_expert_parallel_with_compiled_kernels():
 def test_backend_selection_and_config():
     from helpers import tiny_config
 
-    assert kernels.resolve_backend("auto", "cpu") == "blocked"
+    assert kernels.resolve_backend("auto", "cpu") == "capacity"
     assert kernels.resolve_backend("auto", "gpu") == "reference"  # pallas stays opt-in until measured
     assert kernels.resolve_backend("pallas") == "pallas"
     with pytest.raises(ValueError, match="kernels.moe_backend"):

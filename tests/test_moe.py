@@ -343,3 +343,54 @@ def test_public_boundaries_check_shapes_and_dtypes():
         jax.eval_shape(lambda: call(x, seg, None, wr, wg, wu, wd))
     with pytest.raises(AssertionError):  # pool sizes for another batch
         routing.route(jnp.zeros((LB, LS, 5)), seg, 2, jnp.full((LB + 1, LS + 1), 3, jnp.int32))
+
+
+def _stacked_shared_layer(x, segment_ids, pool_sizes, wr, wg, wu, wd, n_shared, ws, backend):
+    """The formulation before issue 16: the shared experts appended to every token's
+    expert list (`routing.add_shared_experts`) and run through dispatch with the
+    routed ones, over the whole [E, ...] stack."""
+    b_, s_, d = x.shape
+    r = routing.route(moe.router_logits(x, wr), segment_ids, 2, pool_sizes, num_segments=s_ + 1)
+    ids, gates = routing.add_shared_experts(r.expert_ids, r.gates, wr.shape[1], n_shared,
+                                            moe.shared_gates(x, ws, n_shared))
+    k = ids.shape[-1]
+    y = backend.moe_ffn(x.reshape(-1, d), ids.reshape(-1, k), gates.reshape(-1, k),
+                        (segment_ids > 0).reshape(-1), wg, wu, wd)
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", ["reference", "capacity"])
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_dense_shared_experts_equal_the_stacked_formulation(n_shared, backend):
+    """Shared experts as a dense SwiGLU outside dispatch (issue 16) give the outputs and
+    gradients of the old formulation (shared copies through dispatch with gate 1, or
+    with their router's softmax weights for n_s >= 2), padding tokens included."""
+    from emo_jax import kernels
+
+    rng = np.random.default_rng(7)
+    b_, s_, d, h, n_r = 2, 12, 8, 6, 5
+    e = n_r + n_shared
+    x = jnp.asarray(rng.normal(size=(b_, s_, d)), jnp.float32)
+    seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [0] * 3 + [1] * 9], jnp.int32)
+    pools = jnp.full((b_, s_ + 1), 3, jnp.int32)
+    wr, wg, wu, wd = weights(rng, e, d, h, n_r)
+    ws = jnp.asarray(rng.normal(size=(d, n_shared)), jnp.float32) if n_shared >= 2 else None
+    be = kernels.backend_for(backend)
+    extra = {} if ws is None else {"w_shared_router": ws}
+
+    def new(x, wg, wu, wd):
+        return moe.moe_layer(x, seg, pools, wr, wg, wu, wd, routed_top_k=2, n_shared=n_shared,
+                             ffn=be.moe_ffn, **extra)[0]
+
+    def old(x, wg, wu, wd):
+        return _stacked_shared_layer(x, seg, pools, wr, wg, wu, wd, n_shared, ws, be)
+
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    for f in (new, old):
+        assert f(x, wg, wu, wd).shape == x.shape
+    y_new, y_old = jax.jit(new)(x, wg, wu, wd), jax.jit(old)(x, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(y_new), np.asarray(y_old), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(y_new)[np.asarray(seg) == 0]), "padding tokens give 0"
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2, 3)))(x, wg, wu, wd)
+    for g_new, g_old, name in zip(grad(new), grad(old), ("x", "w_gate", "w_up", "w_down")):
+        np.testing.assert_allclose(np.asarray(g_new), np.asarray(g_old), rtol=1e-5, atol=1e-5, err_msg=name)

@@ -7,6 +7,7 @@ x, the router and the three expert weights, in float32, on the 8 emulated CPU de
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +293,66 @@ def test_two_shared_experts_with_their_router_match_single_device():
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(g[5])).sum() > 0
+
+
+# --- bounded dense exchange (issue 16) ---------------------------------------------------
+
+def _send_sizes(case, shape) -> np.ndarray:
+    """[devices of one expert group over all batch shards, P] rows each device sends each
+    peer: computed from the single-device routing (the shared expert is not sent)."""
+    from emo_jax.moe import route_tokens
+    x, wr = case.args[0], case.args[1]
+    ids = np.asarray(route_tokens(x, case.segment_ids, case.pool_sizes, wr, case.k, case.ns)[0])
+    valid = np.asarray(case.segment_ids) > 0
+    n_peers, e_local = shape[2], E // shape[2]
+    rows_per_shard = B // (shape[0] * shape[1] * shape[2])
+    sizes = []
+    for shard in range(B // rows_per_shard):
+        rows = slice(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+        owner = ids[rows][valid[rows]] // e_local
+        sizes.append(np.bincount(owner.reshape(-1), minlength=n_peers))
+    return np.stack(sizes)
+
+
+@pytest.mark.parametrize("shape, capacity, overflows",
+                         [((1, 1, 8), 3.0, False), ((2, 1, 4), 2.0, False), ((2, 2, 2), 1.25, None),
+                          ((1, 1, 8), 0.1, True)], ids=_case_id)
+def test_bounded_exchange_matches_single_device(emo_case, shape, capacity, overflows):
+    """The dense all_to_all with capacity x M / P rows per peer: exact against one device
+    when nothing overflows (the bounded buffers are used) and when a device would send
+    more than the capacity to a peer (that step takes the worst-case buffers)."""
+    from emo_jax.parallel.expert_parallel import peer_capacity
+    n_peers = shape[2]
+    copies = (B // (shape[0] * shape[1] * shape[2])) * S * emo_case.k
+    cap = peer_capacity(copies, n_peers, capacity)
+    assert cap < copies, "the bounded path must be in the program"
+    if overflows is not None:
+        assert (_send_sizes(emo_case, shape).max() > cap) == overflows
+    mesh = _mesh(shape)
+    out = emo_case.run(make_expert_parallel_moe(mesh, "all_to_all", capacity_factor=capacity), mesh)
+    _assert_same(out, emo_case.ref)
+
+
+def test_bounded_exchange_sends_bounded_buffers():
+    """The program holds the bounded [P, C, D] all_to_all (C = 2 x M / P = 12, rounded up
+    to 16) next to the worst-case [P, M, D] one, selected by a cond on a global max."""
+    mesh = _mesh((1, 1, 8))
+    case_args = _inputs(1)
+    x, wr, wg, wu, wd, _ = case_args
+    seg = jnp.asarray(_segments())
+    fn = make_expert_parallel_moe(mesh, "all_to_all", capacity_factor=2.0)
+    with use_mesh(mesh):
+        text = str(jax.make_jaxpr(lambda *a: fn(*a, routed_top_k=3, n_shared=1)[0])(x, seg, None, wr, wg, wu, wd))
+    m = S * 3  # one row of 16 tokens per device, 3 routed copies each
+    assert "cond[" in text and "pmax" in text
+    exchanged = set(re.findall(r"(f32\[8,\d+,\d+\])\{[^}]*\} = all_to_all", text))
+    assert exchanged == {f"f32[8,16,{D}]", f"f32[8,{m},{D}]"}, exchanged
+
+
+def test_peer_capacity():
+    from emo_jax.parallel.expert_parallel import peer_capacity
+    assert peer_capacity(4096 * 8, 8, 1.5) == 6144
+    assert peer_capacity(100, 4, 1.0) == 32  # 25 rounded up to 8
+    assert peer_capacity(100, 2, 4.0) == 100  # never more than the worst case
+    with pytest.raises(ValueError, match="exchange_capacity"):
+        peer_capacity(100, 2, 0.0)

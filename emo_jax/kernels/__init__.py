@@ -4,12 +4,15 @@ Backends (config `kernels.moe_backend`), each a `MoEBackend` of four stages with
 contracts of `kernels.reference` (dispatch, grouped_matmul, combine, moe_ffn):
   reference  plain XLA; jax.lax.ragged_dot (efficient on TPU, dense on CPU, padded to
              the worst case on GPU)
+  capacity   reference dispatch/combine; the expert SwiGLU as three batched matmuls
+             over a per-expert capacity slab, overflow rows in a while loop, dropless
+             (`kernels.capacity`), the fastest on CPU
   blocked    reference dispatch/combine; grouped matmul as expert-aligned row blocks
-             in a lax.scan (`kernels.blocked`), fast on CPU
+             in a lax.scan (`kernels.blocked`)
   pallas     Pallas kernels with custom VJPs for all of it (`kernels.pallas`): Mosaic
              on TPU, Triton on GPU, the TPU kernels in interpret mode on CPU
              (correctness only, slow). Opt-in: not yet measured on an accelerator.
-  auto       blocked on CPU, reference elsewhere
+  auto       capacity on CPU, reference elsewhere
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import functools
 import jax
 
 from emo_jax.kernels.blocked import grouped_matmul_blocked
+from emo_jax.kernels.capacity import moe_ffn_capacity
 from emo_jax.kernels.reference import (  # noqa: F401
     Dispatched, GroupedMatmul, MoEBackend, combine, dispatch, grouped_matmul, grouped_swiglu, moe_ffn)
 
-BACKENDS = ("reference", "blocked", "pallas")
+BACKENDS = ("reference", "capacity", "blocked", "pallas")
 
 
 def resolve_backend(name: str = "auto", platform: str | None = None) -> str:
     """'auto' -> the default backend for `platform` (default: jax's default backend)."""
     if name == "auto":
         platform = platform or jax.default_backend()
-        return "blocked" if platform == "cpu" else "reference"
+        return "capacity" if platform == "cpu" else "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown MoE backend {name!r}; choose one of {('auto',) + BACKENDS} "
                          "(config key kernels.moe_backend).")
@@ -43,8 +47,20 @@ def backend_for(name: str = "auto", platform: str | None = None) -> MoEBackend:
     if name == "pallas":
         from emo_jax.kernels import pallas
         return pallas.backend(pallas.kernel_set(platform))
+    if name == "capacity":
+        # The single-matmul contract (grouped_matmul) is served by the blocked loop;
+        # the layer (moe_ffn) runs the fused capacity SwiGLU.
+        return MoEBackend(name, dispatch, grouped_matmul_blocked, combine, moe_ffn_capacity)
     matmul = grouped_matmul_blocked if name == "blocked" else grouped_matmul
     return MoEBackend(name, dispatch, matmul, combine, functools.partial(moe_ffn, matmul=matmul))
+
+
+def local_expert_ffn(backend: MoEBackend, expected_rows: int):
+    """`backend.moe_ffn` for a buffer of which about `expected_rows` rows are filled
+    (the capacity backend sizes its slab for them instead of for the whole buffer)."""
+    if backend.name == "capacity":
+        return functools.partial(moe_ffn_capacity, expected_rows=expected_rows)
+    return backend.moe_ffn
 
 
 def grouped_matmul_for(name: str = "auto") -> GroupedMatmul:

@@ -10,8 +10,10 @@ Shape letters (local view): T local tokens, K experts per token, M = T * K copie
 P expert-parallel peers (size of the `expert` axis), E_l = E / P local experts.
 
 Transports (one switch):
-- "all_to_all": a dense exchange of worst-case [P, M, D] buffers (every copy could
-  go to one peer), so nothing is ever dropped; works on every backend.
+- "all_to_all": a dense exchange of [P, C, D] buffers, C = capacity_factor x M / P
+  rows per peer; when a step would overflow them (a global max of the send sizes),
+  that step uses worst-case [P, M, D] buffers instead, so nothing is ever dropped;
+  works on every backend.
 - "ragged_all_to_all": sends only the real rows (GPU, TPU v4+; XLA:CPU cannot
   compile it). The receive buffer is still worst-case sized [P * M, D].
 - "emulated_ragged": the ragged offsets and layout with the exchange done by
@@ -21,6 +23,7 @@ Transports (one switch):
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -30,13 +33,15 @@ from jax.sharding import PartitionSpec as P
 from emo_jax import compat
 from emo_jax import kernels
 from emo_jax.kernels import MoEBackend
-from emo_jax.moe import MoELayerFn, route_tokens
+from emo_jax.moe import MoELayerFn, route_tokens, shared_experts_ffn
 from emo_jax.parallel.mesh import BATCH_AXES
 from emo_jax.routing import RoutingStats
 
 Array = jax.Array
 EXPERT_AXIS = "expert"
 TRANSPORTS = ("all_to_all", "ragged_all_to_all", "emulated_ragged")
+# Rows per peer of the dense all_to_all, in units of the mean M / P (kernels.exchange_capacity).
+DEFAULT_EXCHANGE_CAPACITY = 1.5
 
 
 def resolve_transport(transport: str) -> str:
@@ -93,29 +98,63 @@ def local_group_keys(recv_counts: Array, rows: int, chunk_capacity: int | None) 
 
 
 def _local_experts(x_recv: Array, keys: Array, n_local: int, w_gate: Array, w_up: Array,
-                   w_down: Array, backend: MoEBackend) -> Array:
+                   w_down: Array, backend: MoEBackend, expected_rows: int) -> Array:
     """Runs the rows of a receive buffer through their local experts, in buffer order:
-    an MoE with one copy per row and gate 1; rows holding nothing (key E_l) give 0."""
+    an MoE with one copy per row and gate 1; rows holding nothing (key E_l) give 0.
+    expected_rows: the rows a device receives on average (M, what it sends)."""
     ones = jnp.ones((keys.shape[0], 1), jnp.float32)
-    return backend.moe_ffn(x_recv, keys[:, None], ones, keys < n_local, w_gate, w_up, w_down)
+    ffn = kernels.local_expert_ffn(backend, expected_rows)
+    return ffn(x_recv, keys[:, None], ones, keys < n_local, w_gate, w_up, w_down)
 
 
-def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, backend: MoEBackend) -> Array:
-    """all_to_all of worst-case [P, M, D] buffers; returns expert outputs in sorted order."""
+def peer_capacity(copies: int, n_peers: int, capacity_factor: float, align: int = 8) -> int:
+    """Rows reserved per peer in the bounded dense exchange: capacity_factor x the mean
+    rows a device sends to one peer (M / P), rounded up to `align`, at most M (the
+    worst case, which never overflows)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"kernels.exchange_capacity must be > 0, got {capacity_factor}.")
+    mean = -(-copies // n_peers)
+    cap = -(-math.ceil(capacity_factor * mean) // align) * align
+    return min(max(cap, align), copies)
+
+
+def _dense_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, backend: MoEBackend,
+                    chunk: int) -> Array:
+    """all_to_all of [P, chunk, D] buffers (chunk rows reserved per peer); returns the
+    expert outputs in sorted order. Exact when every send size is <= chunk (always
+    for chunk = M, the worst case)."""
     m, d = x_sorted.shape
     n_local = weights[0].shape[0]
-    row = jnp.arange(m, dtype=jnp.int32)
-    src = plan.send_offsets[:, None] + row[None, :]  # [P, M]
+    row = jnp.arange(chunk, dtype=jnp.int32)
+    src = plan.send_offsets[:, None] + row[None, :]  # [P, chunk]
     send_valid = row[None, :] < plan.send_sizes[:, None]
     send = jnp.where(send_valid[..., None], x_sorted[jnp.clip(src, 0, m - 1)], 0)
-    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [P, M, D]: recv[q] came from peer q
-    keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=m)
-    y = _local_experts(recv.reshape(n_peers * m, d), keys, n_local, *weights, backend).reshape(n_peers, m, d)
-    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0)  # back[p]: results of what I sent to p
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # [P, chunk, D]: recv[q] came from peer q
+    keys = local_group_keys(plan.recv_counts, n_peers * chunk, chunk_capacity=chunk)
+    y = _local_experts(recv.reshape(n_peers * chunk, d), keys, n_local, *weights, backend, m)
+    back = jax.lax.all_to_all(y.reshape(n_peers, chunk, d), EXPERT_AXIS, 0, 0)  # back[p]: what I sent to p
     # Sorted copy i went to peer p = its expert's owner, as row i - send_offsets[p].
-    peer = jnp.sum(row[:, None] >= plan.send_offsets[None, 1:], axis=1)
-    within = jnp.clip(row - plan.send_offsets[peer], 0, m - 1)
+    sorted_row = jnp.arange(m, dtype=jnp.int32)
+    peer = jnp.sum(sorted_row[:, None] >= plan.send_offsets[None, 1:], axis=1)
+    within = jnp.clip(sorted_row - plan.send_offsets[peer], 0, chunk - 1)
     return back[peer, within]
+
+
+def _bounded_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, backend: MoEBackend,
+                      capacity: int) -> Array:
+    """The dense exchange with `capacity` rows per peer, dropless: when any device of
+    this expert group sends more than that to one peer (a global max of the send
+    sizes, one scalar all-reduce), the whole group takes the worst-case exchange for
+    this step instead (`lax.cond`, the same branch on every peer of the exchange).
+    The worst-case branch is rematerialised (`jax.checkpoint`), so the common branch
+    does not carry its [P, M, D]-sized residuals for the backward pass."""
+    m = x_sorted.shape[0]
+    if capacity >= m:
+        return _dense_exchange(x_sorted, plan, weights, n_peers, backend, m)
+    overflow = jax.lax.pmax(jnp.max(plan.send_sizes), EXPERT_AXIS) > capacity
+    worst = jax.checkpoint(lambda xs, pl, w: _dense_exchange(xs, pl, w, n_peers, backend, m))
+    bounded = lambda xs, pl, w: _dense_exchange(xs, pl, w, n_peers, backend, capacity)
+    return jax.lax.cond(overflow, worst, bounded, x_sorted, plan, weights)
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
@@ -152,7 +191,7 @@ def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emu
     recv = exchange(x_sorted, jnp.zeros((n_peers * m, d), x_sorted.dtype), plan.send_offsets,
                     plan.send_sizes, remote_offsets, recv_sizes, axis_name=EXPERT_AXIS)
     keys = local_group_keys(plan.recv_counts, n_peers * m, chunk_capacity=None)
-    y = _local_experts(recv, keys, n_local, *weights, backend)
+    y = _local_experts(recv, keys, n_local, *weights, backend, m)
     # Back: my chunk from peer q returns to q's sorted buffer at q's send offset for me.
     all_send_offsets = jax.lax.all_gather(plan.send_offsets, EXPERT_AXIS)  # [q, p]
     back_offsets = all_send_offsets[:, me]
@@ -162,12 +201,14 @@ def _ragged_exchange(x_sorted: Array, plan: SendPlan, weights, n_peers: int, emu
 
 def expert_parallel_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array,
                         w_up: Array, w_down: Array, *, n_peers: int, transport: str,
-                        backend: MoEBackend | None = None) -> Array:
+                        backend: MoEBackend | None = None, capacity_factor: float | None = None) -> Array:
     """Local view of the dropless expert computation with experts sharded over `expert`.
 
     x: [T, D]; expert_ids: i32[T, K] global expert ids; gates: f32[T, K]; valid:
     bool[T]; w_*: this device's E_l experts; backend: dispatch, combine and the local
-    expert computation (default: the reference). Returns [T, D].
+    expert computation (default: the reference); capacity_factor: rows reserved per
+    peer by the dense all_to_all, in units of the mean M / P (None: the worst case M).
+    Returns [T, D].
     """
     backend = backend or kernels.backend_for("reference")
     n_local = w_gate.shape[0]
@@ -177,7 +218,9 @@ def expert_parallel_ffn(x: Array, expert_ids: Array, gates: Array, valid: Array,
     plan = send_plan(sent.group_sizes, n_peers)
     weights = (w_gate, w_up, w_down)
     if transport == "all_to_all":
-        y_sorted = _dense_exchange(sent.x_sorted, plan, weights, n_peers, backend)
+        m = sent.x_sorted.shape[0]
+        capacity = m if capacity_factor is None else peer_capacity(m, n_peers, capacity_factor)
+        y_sorted = _bounded_exchange(sent.x_sorted, plan, weights, n_peers, backend, capacity)
     else:
         y_sorted = _ragged_exchange(sent.x_sorted, plan, weights, n_peers, emulate=transport == "emulated_ragged",
                                     backend=backend)
@@ -189,12 +232,15 @@ def _stack_per_shard(stats: RoutingStats) -> RoutingStats:
 
 
 def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
-                             stats: str = "global", backend: str | MoEBackend = "auto") -> MoELayerFn:
+                             stats: str = "global", backend: str | MoEBackend = "auto",
+                             capacity_factor: float | None = DEFAULT_EXCHANGE_CAPACITY) -> MoELayerFn:
     """An MoE layer function (same signature as `moe.moe_layer`) running under shard_map.
 
     stats: "global" psums the routing statistics over data x fsdp x expert (returned
     replicated); "local" returns each batch shard's own statistics stacked on a
-    leading axis [n_shards, ...] (the micro-batch-local ablation).
+    leading axis [n_shards, ...] (the micro-batch-local ablation). capacity_factor:
+    rows per peer of the dense all_to_all buffer in units of the mean (None: the
+    worst case); a step that would overflow it takes the worst-case buffer instead.
     """
     transport = resolve_transport(transport)
     moe_backend = backend if isinstance(backend, MoEBackend) else kernels.backend_for(backend)
@@ -204,15 +250,22 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
     batch_spec = P(BATCH_AXES)
     stats_spec = RoutingStats(*([P() if stats == "global" else batch_spec] * len(RoutingStats._fields)))
 
-    def body(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router, *, routed_top_k,
-             n_shared):
-        ids, gates, layer_stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k, n_shared,
-                                               w_shared_router)
+    def body(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router, shared_weights, *,
+             routed_top_k, n_shared):
+        ids, gates, s_gates, layer_stats = route_tokens(x, segment_ids, pool_sizes, w_router, routed_top_k,
+                                                        n_shared, w_shared_router)
         b, s, d = x.shape
         k = ids.shape[-1]
-        y = expert_parallel_ffn(x.reshape(-1, d), ids.reshape(-1, k), gates.reshape(-1, k),
-                                (segment_ids > 0).reshape(-1), w_gate, w_up, w_down,
-                                n_peers=n_peers, transport=transport, backend=moe_backend)
+        tokens, valid = x.reshape(-1, d), (segment_ids > 0).reshape(-1)
+        # Only routed copies travel; the shared experts' slots in the stack get no rows.
+        y = expert_parallel_ffn(tokens, ids.reshape(-1, k), gates.reshape(-1, k), valid, w_gate, w_up, w_down,
+                                n_peers=n_peers, transport=transport, backend=moe_backend,
+                                capacity_factor=capacity_factor)
+        if n_shared:
+            # Every device runs the shared experts on its own tokens (replicated weights):
+            # no exchange, no shard that receives a copy of every token.
+            y = y + shared_experts_ffn(tokens, valid, *shared_weights,
+                                       None if s_gates is None else s_gates.reshape(-1, n_shared))
         if stats == "global":
             # The balance loss needs frequencies over every token of the step, not this shard's.
             layer_stats = jax.tree.map(lambda v: jax.lax.psum(v, BATCH_AXES), layer_stats)
@@ -227,13 +280,18 @@ def make_expert_parallel_moe(mesh: jax.sharding.Mesh, transport: str = "auto",
         if x.shape[0] % _batch_shards(mesh):
             raise ValueError(f"batch of {x.shape[0]} rows does not divide over the "
                              f"{_batch_shards(mesh)} batch shards (data x fsdp x expert).")
+        n_routed = w_router.shape[-1]
+        # The shared experts' weights, replicated into the shard_map (a small gather of
+        # n_s experts); the stack stays whole so that E divides over the expert axis.
+        shared_weights = tuple(w[n_routed:] for w in (w_gate, w_up, w_down)) if n_shared else None
         expert_spec = P(EXPERT_AXIS)
         in_specs = (batch_spec, batch_spec, None if pool_sizes is None else batch_spec, P(),
-                    expert_spec, expert_spec, expert_spec, None if w_shared_router is None else P())
+                    expert_spec, expert_spec, expert_spec, None if w_shared_router is None else P(),
+                    None if shared_weights is None else (P(), P(), P()))
         fn = compat.shard_map(
             functools.partial(body, routed_top_k=routed_top_k, n_shared=n_shared),
             mesh=mesh, in_specs=in_specs, out_specs=(batch_spec, stats_spec), check_vma=True)
-        return fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router)
+        return fn(x, segment_ids, pool_sizes, w_router, w_gate, w_up, w_down, w_shared_router, shared_weights)
 
     return moe_fn
 

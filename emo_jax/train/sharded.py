@@ -45,7 +45,7 @@ def build_sharded_model(config: Config, mesh: jax.sharding.Mesh) -> nn.Module:
         for layer, count in enumerate(config.model.layer_experts):
             mesh_lib.check_experts_divide(mesh, count, f"model.layer_experts[{layer}]")
     moe_fn = expert_parallel.make_expert_parallel_moe(mesh, config.kernels.transport, stats_mode(config),
-                                                      config.kernels.moe_backend)
+                                                      config.kernels.moe_backend, config.kernels.exchange_capacity)
     return build_model(config, moe_fn)
 
 
