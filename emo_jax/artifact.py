@@ -25,7 +25,6 @@ import dataclasses
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +34,8 @@ import jax.numpy as jnp
 import yaml
 
 from emo_jax.config import Config, ConfigError, _merge, config_from_dict, parse_overrides, to_dict
+from emo_jax.console import first_line as _first_line
+from emo_jax.console import warn as _warn
 from emo_jax.interop.hf_common import CONFIG_FILE as HF_CONFIG_FILE
 from emo_jax.interop.hf_common import InteropError
 
@@ -390,13 +391,3 @@ def copy_tokenizer_files(source: str | Path, out: str | Path) -> list[str]:
             shutil.copy(Path(source) / name, Path(out) / name)
             copied.append(name)
     return copied
-
-
-def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""

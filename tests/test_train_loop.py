@@ -20,31 +20,16 @@ import numpy as np
 import pytest
 
 from emo_jax.config import load_config
-from emo_jax.data import corpus_builder
-from emo_jax.data.tokenizer import save_tokenizer, train_bpe
+from text_dataset import build_text_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta river stone light shadow code compile function return".split()
 STEPS = 24
-
-
-def _text(i: int) -> str:
-    rng = np.random.default_rng(i)
-    return f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(5, 80))))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A built text_files dataset 'text_files/loop' (3 domains) with its own tokenizer."""
-    tmp = tmp_path_factory.mktemp("loopdata")
-    lines = [json.dumps({"text": _text(i), "domain": ["red", "green", "blue"][i % 3]}) for i in range(120)]
-    (tmp / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    builder = corpus_builder.text_files_builder(
-        tmp / "dd", corpus_builder.TextFilesConfig(name="loop", paths=(str(tmp / "docs.jsonl"),),
-                                                    validation_fraction=0.2))
-    directory = corpus_builder.build(builder)
-    save_tokenizer(train_bpe([_text(i) for i in range(120)], vocab_size=300), directory)
-    return tmp / "dd"
+    return build_text_dataset(tmp_path_factory.mktemp("loopdata"))
 
 
 def _overrides(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:

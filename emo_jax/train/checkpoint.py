@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from emo_jax.config import Config, to_dict
+from emo_jax.console import first_line as _first_line
+from emo_jax.console import warn as _warn
 
 # Sections that must match to resume; data/train/mesh may change between runs.
 MATCHING_SECTIONS = ("model", "routing", "loss", "optimizer")
@@ -454,14 +456,6 @@ def nonfinite_loss_message(loss: float, step: int, last_checkpoint: int | None, 
     return f"loss is {loss} at step {step}; {how}; or check the data."
 
 
-def _warn(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def check_config_matches(saved: dict, config: Config, where: Path) -> None:
@@ -478,4 +472,3 @@ def check_config_matches(saved: dict, config: Config, where: Path) -> None:
             raise CheckpointError(f"checkpoint {where} was written with {section}.{key}={old.get(key)!r} but this "
                                   f"run has {section}.{key}={new.get(key)!r} ({len(diffs)} differing key(s) in "
                                   f"'{section}'); use the same config to resume, or a new run_dir.")
-
