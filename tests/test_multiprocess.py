@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from text_dataset import build_text_dataset  # noqa: E402
+from text_dataset import build_text_dataset, train_losses  # noqa: E402
 
 
 pytestmark = pytest.mark.slow
@@ -136,14 +136,6 @@ def _saved_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Train loss per step (process 0's metrics.jsonl); a replayed step keeps its last value."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["split"] == "train":
-            losses[row["step"]] = row["loss"]
-    return losses
 
 
 def _consumed(path: Path) -> dict[int, list[str]]:
@@ -230,7 +222,7 @@ def test_resume_after_sigterm_and_kill9_gives_the_identical_trajectory(runs):
     assert runs["killed"].procs[1].returncode == -signal.SIGKILL
     assert runs["kill_at"] <= max(runs["after_kill"]) < STEPS, runs["after_kill"]
     assert "resumed from" in runs["final"].logs[0].read_text()
-    expected, got = _losses(runs["straight"].run_dir), _losses(runs["broken"])
+    expected, got = train_losses(runs["straight"].run_dir), train_losses(runs["broken"])
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     mismatched = [s for s in expected if got[s] != expected[s]]  # bitwise
     assert not mismatched, [(s, expected[s], got[s]) for s in mismatched]

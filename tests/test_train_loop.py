@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from emo_jax.config import load_config
-from text_dataset import build_text_dataset  # noqa: E402
+from text_dataset import build_text_dataset, train_losses  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -78,14 +78,6 @@ def _start_and_signal(data_dir: Path, run_dir: Path, sig: int, after_checkpoint:
     return proc.returncode, out
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Train loss per step; a step logged twice (run again after a resume) keeps its last value."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["split"] == "train":
-            losses[row["step"]] = row["loss"]
-    return losses
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +110,7 @@ def test_resume_after_sigkill_gives_bitwise_identical_losses(runs):
     assert runs["kill_code"] == -signal.SIGKILL
     assert max(runs["after_kill"]) < STEPS, "the run was killed before it finished"
     assert "resumed from" in runs["final_out"]
-    expected, got = _losses(runs["straight"]), _losses(runs["broken"])
+    expected, got = train_losses(runs["straight"]), train_losses(runs["broken"])
     assert sorted(expected) == list(range(1, STEPS + 1))
     assert sorted(got) == sorted(expected)
     mismatched = [s for s in expected if got[s] != expected[s]]  # bitwise: exact float equality

@@ -1,6 +1,6 @@
-"""A small built text_files dataset for tests that run the real training loop: 120 short
+"""For tests that run the real training loop: a small built text_files dataset (120 short
 documents over 3 domains ('red', 'green', 'blue'), registered as 'text_files/<name>',
-with its own 300-token BPE vocabulary."""
+with its own 300-token BPE vocabulary), and the train losses a run logged."""
 
 from __future__ import annotations
 
@@ -33,3 +33,14 @@ def build_text_dataset(tmp: Path, name: str = "loop") -> Path:
     directory = corpus_builder.build(builder)
     save_tokenizer(train_bpe([document_text(i) for i in range(DOCUMENTS)], vocab_size=300), directory)
     return tmp / "dd"
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Train loss per step from run_dir/metrics.jsonl; a step logged twice (run again after
+    a resume) keeps its last value."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] == "train":
+            losses[row["step"]] = row["loss"]
+    return losses
