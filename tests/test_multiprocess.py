@@ -136,8 +136,6 @@ def _saved_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
-
-
 def _consumed(path: Path) -> dict[int, list[str]]:
     """Row hashes fed at each step; a step run again after a restart keeps its last batch
     (the one whose gradient the final state holds)."""

@@ -78,8 +78,6 @@ def _start_and_signal(data_dir: Path, run_dir: Path, sig: int, after_checkpoint:
     return proc.returncode, out
 
 
-
-
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """One uninterrupted run, and one run stopped by SIGTERM, resumed, killed by SIGKILL

@@ -456,8 +456,6 @@ def nonfinite_loss_message(loss: float, step: int, last_checkpoint: int | None, 
     return f"loss is {loss} at step {step}; {how}; or check the data."
 
 
-
-
 def check_config_matches(saved: dict, config: Config, where: Path) -> None:
     current = to_dict(config)
     for section in MATCHING_SECTIONS:
