@@ -11,7 +11,8 @@ import pytest
 
 from emo_jax import kernels
 from emo_jax.kernels.blocked import grouped_matmul_blocked
-from emo_jax.kernels.reference import grouped_matmul, moe_ffn
+from emo_jax.kernels.reference import grouped_matmul
+from moe_layer_check import assert_layer_matches_reference  # noqa: E402
 
 # float32 with the conftest's "highest" matmul precision: the two backends sum the same
 # products in a different order, so they agree to rounding, not bitwise.
@@ -69,24 +70,6 @@ def test_blocked_jits_once_for_any_grouping():
 def test_blocked_backend_layer_matches_reference_layer():
     """The whole dropless SwiGLU layer (dispatch, three grouped matmuls, combine), with
     padding tokens and the gradient of every input."""
-    rng = np.random.default_rng(3)
-    tokens, d, h, e, k = 40, 16, 24, 6, 3
-    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
-    ids = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(tokens)]), jnp.int32)
-    gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, k)), jnp.float32)
-    valid = jnp.asarray(rng.uniform(size=tokens) > 0.2)
-    w = [jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), jnp.float32)
-         for shape in ((e, d, h), (e, d, h), (e, h, d))]
     blocked = kernels.backend_for("blocked")
     assert blocked.name == "blocked"
-
-    def run(ffn):
-        return jax.jit(jax.value_and_grad(lambda *args: jnp.sum(jnp.sin(ffn(args[0], ids, args[1], valid, *args[2:]))),
-                                          argnums=(0, 1, 2, 3, 4)))(x, gates, *w)
-
-    (v_b, g_b), (v_r, g_r) = run(blocked.moe_ffn), run(moe_ffn)
-    np.testing.assert_allclose(float(v_b), float(v_r), **TOL)
-    for got, want, name in zip(g_b, g_r, ("x", "gates", "w_gate", "w_up", "w_down")):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), err_msg=name, **TOL)
-    out = blocked.moe_ffn(x, ids, gates, valid, *w)
-    assert not np.any(np.asarray(out)[~np.asarray(valid)]), "padding tokens give 0"
+    assert_layer_matches_reference(blocked.moe_ffn, **TOL)

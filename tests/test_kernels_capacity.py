@@ -13,7 +13,8 @@ import pytest
 
 from emo_jax import kernels
 from emo_jax.kernels.capacity import capacity_for, grouped_swiglu_capacity, slab_layout
-from emo_jax.kernels.reference import grouped_swiglu, moe_ffn
+from emo_jax.kernels.reference import grouped_swiglu
+from moe_layer_check import assert_layer_matches_reference  # noqa: E402
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -88,28 +89,10 @@ def test_capacity_rejects_a_bad_factor():
 def test_capacity_backend_layer_matches_reference_layer(expected_rows):
     """The whole dropless layer (dispatch, SwiGLU, combine) with padding tokens and the
     gradient of every input; expected_rows=16 sizes the slab far below the 120 copies."""
-    rng = np.random.default_rng(3)
-    tokens, d, h, e, k = 40, 16, 24, 6, 3
-    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
-    ids = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(tokens)]), jnp.int32)
-    gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, k)), jnp.float32)
-    valid = jnp.asarray(rng.uniform(size=tokens) > 0.2)
-    w = [jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), jnp.float32)
-         for shape in ((e, d, h), (e, d, h), (e, h, d))]
     backend = kernels.backend_for("capacity")
     assert backend.name == "capacity" and kernels.resolve_backend("auto", "cpu") == "capacity"
-    ffn = kernels.local_expert_ffn(backend, expected_rows) if expected_rows else backend.moe_ffn
-
-    def run(ffn):
-        return jax.jit(jax.value_and_grad(lambda *args: jnp.sum(jnp.sin(ffn(args[0], ids, args[1], valid, *args[2:]))),
-                                          argnums=(0, 1, 2, 3, 4)))(x, gates, *w)
-
-    (v_c, g_c), (v_r, g_r) = run(ffn), run(moe_ffn)
-    np.testing.assert_allclose(float(v_c), float(v_r), **TOL)
-    for got, want, name in zip(g_c, g_r, ("x", "gates", "w_gate", "w_up", "w_down")):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), err_msg=name, **TOL)
-    out = ffn(x, ids, gates, valid, *w)
-    assert not np.any(np.asarray(out)[~np.asarray(valid)]), "padding tokens give 0"
+    assert_layer_matches_reference(kernels.local_expert_ffn(backend, expected_rows) if expected_rows
+                                   else backend.moe_ffn, **TOL)
 
 
 def test_capacity_in_bfloat16_is_close_to_float32():
