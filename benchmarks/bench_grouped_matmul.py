@@ -17,6 +17,14 @@ Rows, each the whole SwiGLU (three matmuls) on the same sorted rows:
   blocked R=X      `kernels.blocked` (lax.scan over X-row expert-aligned blocks with cond)
   gathered R=128   aligned blocks, weights gathered per block, one batched einsum
   ragged_dot       `jax.lax.ragged_dot` (the reference backend), with --ragged
+Second table, the whole routed FFN from tokens to tokens (dispatch, SwiGLU, combine,
+gates; T tokens, each to K experts) against the same dense SwiGLU over M = T*K rows:
+  dense            as above (no dispatch, no combine: the bar)
+  sorted+capacity  reference dispatch into an expert-sorted [M, D] buffer, the slab
+                   SwiGLU of `kernels.capacity` on it, reference combine (the
+                   capacity backend before `kernels.slab_ffn`)
+  slab             `kernels.slab_ffn.moe_ffn_slab`: tokens gathered straight into the
+                   slab, combine read straight out of it (the CPU default)
 Rounds alternate between the rows (one process, compile excluded); medians shown, of
 wall time and of the process's CPU time (all threads: on a machine shared with other
 jobs the CPU time is the steadier measure of the work; GFLOP/s counts the useful
@@ -34,17 +42,22 @@ import time
 import jax
 import jax.numpy as jnp
 
-from emo_jax.kernels import blocked, capacity, reference
+from emo_jax.kernels import blocked, capacity, reference, slab_ffn
 
 SHAPES = {"S1": (16 * 256, 4, 128, 64, 32), "S2": (8 * 512, 8, 256, 128, 64)}  # T, K, D, H, E
 
 
-def routing(kind: str, tokens: int, k: int, e: int, key) -> jax.Array:
-    """group_sizes i32[E] of T*K copies under the named routing."""
+def routed_ids(kind: str, tokens: int, k: int, e: int, key) -> jax.Array:
+    """i32[T, K]: each token's top-k experts under the named routing."""
     scores = jax.random.uniform(key, (tokens, e))
     if kind == "skewed":
         scores = scores * (1.0 / (jnp.arange(e) + 1.0) ** 0.7)
-    ids = jnp.argsort(-scores, axis=-1)[:, :k]
+    return jnp.argsort(-scores, axis=-1)[:, :k].astype(jnp.int32)
+
+
+def routing(kind: str, tokens: int, k: int, e: int, key) -> jax.Array:
+    """group_sizes i32[E] of T*K copies under the named routing."""
+    ids = routed_ids(kind, tokens, k, e, key)
     return jnp.bincount(ids.reshape(-1), length=e).astype(jnp.int32)
 
 
@@ -54,6 +67,13 @@ def _gathered(lhs, rhs, gs, block_rows=128):
     buf = jnp.zeros((nb * block_rows + 1, lhs.shape[1]), lhs.dtype).at[dest].set(lhs)
     y = jnp.einsum("nra,nab->nrb", buf[:-1].reshape(nb, block_rows, -1), rhs[be])
     return jnp.concatenate([y.reshape(nb * block_rows, -1), jnp.zeros((1, y.shape[-1]), y.dtype)])[dest]
+
+
+def sorted_capacity_ffn(x, expert_ids, gates, valid, w_gate, w_up, w_down):
+    """Reference dispatch and combine around the sorted-rows slab SwiGLU."""
+    d = reference.dispatch(x, expert_ids, valid, w_gate.shape[0])
+    y_sorted = capacity.grouped_swiglu_capacity(d.x_sorted, w_gate, w_up, w_down, d.group_sizes)
+    return reference.combine(y_sorted, d.order, d.valid_sorted, gates)
 
 
 def formulations(ragged: bool) -> dict:
@@ -72,54 +92,97 @@ def formulations(ragged: bool) -> dict:
     return rows
 
 
+def time_rows(fns: dict, args: tuple, rounds: int) -> tuple[dict, dict]:
+    """fns: name -> (forward, value_and_grad), both jitted on `args`. Alternating
+    rounds after one compile + warm-up call each -> medians (wall, CPU) per name,
+    each [forward, forward + backward] in seconds."""
+    for pair in fns.values():
+        for fn in pair:
+            jax.block_until_ready(fn(*args))
+    wall = {name: ([], []) for name in fns}
+    cpu = {name: ([], []) for name in fns}
+    for _ in range(rounds):
+        for name, pair in fns.items():
+            for i, fn in enumerate(pair):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                jax.block_until_ready(fn(*args))
+                wall[name][i].append(time.perf_counter() - start)
+                cpu[name][i].append(time.process_time() - start_cpu)
+    med = lambda table: {n: [statistics.median(v) for v in pair] for n, pair in table.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
+def print_table(wall: dict, cpu: dict, flops: float) -> None:
+    print(f"{'formulation':20s} {'fwd ms':>8s} {'vs dense':>9s} {'fwd+bwd ms':>11s} {'vs dense':>9s} "
+          f"{'GFLOP/s':>8s} | {'CPU-s fwd':>9s} {'vs dense':>9s} {'CPU-s f+b':>9s} {'vs dense':>9s}")
+    for name in wall:
+        (f_, b_), (cf_, cb_) = wall[name], cpu[name]
+        print(f"{name:20s} {f_ * 1e3:8.1f} {f_ / wall['dense'][0]:8.2f}x {b_ * 1e3:11.1f} "
+              f"{b_ / wall['dense'][1]:8.2f}x {3 * flops / b_ / 1e9:8.1f} | {cf_:9.3f} "
+              f"{cf_ / cpu['dense'][0]:8.2f}x {cb_:9.3f} {cb_ / cpu['dense'][1]:8.2f}x")
+
+
+def sorted_rows_table(x, wg, wu, wd, ct, gs, ragged: bool, rounds: int) -> tuple[dict, dict]:
+    """Each formulation on the same expert-sorted rows x [M, D]."""
+    fns = {}
+    for name, f in formulations(ragged).items():
+        loss = lambda x, wg, wu, wd, ct, gs, f=f: jnp.sum(f(x, wg, wu, wd, gs) * ct)  # noqa: E731
+        # Every array is an argument (a closed-over array would be constant-folded).
+        fns[name] = (jax.jit(lambda x, wg, wu, wd, ct, gs, f=f: f(x, wg, wu, wd, gs)),
+                     jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))))
+    return time_rows(fns, (x, wg, wu, wd, ct, gs), rounds)
+
+
+def token_ffn_table(x, tok, ids, gates, wg, wu, wd, ct, ct_tok, rounds: int) -> tuple[dict, dict]:
+    """The routed FFN from tokens tok [T, D] (ids, gates [T, K]) against the dense
+    SwiGLU over x [M, D]; gradients w.r.t. the input, the gates and the three weights."""
+    valid = jnp.ones(tok.shape[0], bool)
+    dense = lambda x, wg, wu, wd: (jax.nn.silu(x @ wg[0]) * (x @ wu[0])) @ wd[0]  # noqa: E731
+    fns = {"dense": (jax.jit(lambda x, tok, g, wg, wu, wd, ct, ctt, ids: dense(x, wg, wu, wd)),
+                     jax.jit(jax.value_and_grad(lambda x, tok, g, wg, wu, wd, ct, ctt, ids:
+                                                jnp.sum(dense(x, wg, wu, wd) * ct), argnums=(0, 3, 4, 5))))}
+    for name, ffn in (("sorted+capacity", sorted_capacity_ffn), ("slab", slab_ffn.moe_ffn_slab)):
+        run = lambda tok, g, wg, wu, wd, ids, ffn=ffn: ffn(tok, ids, g, valid, wg, wu, wd)  # noqa: E731
+        fns[name] = (jax.jit(lambda x, tok, g, wg, wu, wd, ct, ctt, ids, run=run: run(tok, g, wg, wu, wd, ids)),
+                     jax.jit(jax.value_and_grad(lambda x, tok, g, wg, wu, wd, ct, ctt, ids, run=run:
+                                                jnp.sum(run(tok, g, wg, wu, wd, ids) * ctt),
+                                                argnums=(1, 2, 3, 4, 5))))
+    return time_rows(fns, (x, tok, gates, wg, wu, wd, ct, ct_tok, ids), rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="S2")
     parser.add_argument("--routing", choices=["uniform", "skewed"], nargs="+", default=["uniform", "skewed"])
+    parser.add_argument("--tables", choices=["sorted", "tokens"], nargs="+", default=["sorted", "tokens"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ragged", action="store_true", help="also time ragged_dot (E x the work on CPU)")
     args = parser.parse_args()
     t, k, d, h, e = SHAPES[args.shape]
     m = t * k
-    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
     x = jax.random.normal(keys[0], (m, d))
     wg, wu = (jax.random.normal(kk, (e, d, h)) * d ** -0.5 for kk in keys[1:3])
     wd = jax.random.normal(keys[3], (e, h, d)) * h ** -0.5
     ct = jax.random.normal(keys[4], (m, d))
+    tok = jax.random.normal(keys[6], (t, d))
+    ct_tok = jax.random.normal(keys[7], (t, d))
+    gates = jax.nn.softmax(jax.random.normal(keys[5], (t, k)), axis=-1)
     flops = 2 * m * d * h * 3
-    print(f"expert SwiGLU, shape {args.shape}: M={m} rows, D={d}, H={h}, E={e}; {jax.device_count()} x "
-          f"{jax.default_backend()}, jax {jax.__version__}, {platform.processor() or platform.machine()}; "
-          f"{args.rounds} alternating rounds, medians")
+    print(f"expert SwiGLU, shape {args.shape}: T={t} tokens x K={k} = M={m} rows, D={d}, H={h}, E={e}; "
+          f"{jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
+          f"{platform.processor() or platform.machine()}; {args.rounds} alternating rounds, medians")
     for kind in args.routing:
-        gs = routing(kind, t, k, e, keys[5])
+        ids = routed_ids(kind, t, k, e, keys[5])
+        gs = jnp.bincount(ids.reshape(-1), length=e).astype(jnp.int32)
         print(f"\nrouting {kind}: largest group {int(gs.max())}, mean {m / e:.0f} "
               f"({float(gs.max()) / (m / e):.2f}x)")
-        fns = {}
-        for name, f in formulations(args.ragged).items():
-            loss = lambda x, wg, wu, wd, ct, gs, f=f: jnp.sum(f(x, wg, wu, wd, gs) * ct)
-            # Every array is an argument (a closed-over array would be constant-folded).
-            fns[name] = (jax.jit(lambda x, wg, wu, wd, ct, gs, f=f: f(x, wg, wu, wd, gs)),
-                         jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))))
-            for fn in fns[name]:
-                jax.block_until_ready(fn(x, wg, wu, wd, ct, gs))  # compile + warm-up
-        wall = {name: ([], []) for name in fns}
-        cpu = {name: ([], []) for name in fns}
-        for _ in range(args.rounds):
-            for name, pair in fns.items():
-                for i, fn in enumerate(pair):
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    jax.block_until_ready(fn(x, wg, wu, wd, ct, gs))
-                    wall[name][i].append(time.perf_counter() - start)
-                    cpu[name][i].append(time.process_time() - start_cpu)
-        med = lambda table: {n: [statistics.median(v) for v in pair] for n, pair in table.items()}
-        wall, cpu = med(wall), med(cpu)
-        print(f"{'formulation':20s} {'fwd ms':>8s} {'vs dense':>9s} {'fwd+bwd ms':>11s} {'vs dense':>9s} "
-              f"{'GFLOP/s':>8s} | {'CPU-s fwd':>9s} {'vs dense':>9s} {'CPU-s f+b':>9s} {'vs dense':>9s}")
-        for name in fns:
-            (f_, b_), (cf_, cb_) = wall[name], cpu[name]
-            print(f"{name:20s} {f_ * 1e3:8.1f} {f_ / wall['dense'][0]:8.2f}x {b_ * 1e3:11.1f} "
-                  f"{b_ / wall['dense'][1]:8.2f}x {3 * flops / b_ / 1e9:8.1f} | {cf_:9.3f} "
-                  f"{cf_ / cpu['dense'][0]:8.2f}x {cb_:9.3f} {cb_ / cpu['dense'][1]:8.2f}x")
+        if "sorted" in args.tables:
+            print("-- the SwiGLU over expert-sorted rows [M, D] (the grouped-matmul contract)")
+            print_table(*sorted_rows_table(x, wg, wu, wd, ct, gs, args.ragged, args.rounds), flops)
+        if "tokens" in args.tables:
+            print("-- the routed FFN from tokens [T, D] to tokens (dispatch + SwiGLU + combine) vs dense over [M, D]")
+            print_table(*token_ffn_table(x, tok, ids, gates, wg, wu, wd, ct, ct_tok, args.rounds), flops)
 
 
 if __name__ == "__main__":

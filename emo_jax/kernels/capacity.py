@@ -126,10 +126,7 @@ def _overflow_forward(y: Array, x: Array, w_gate: Array, w_up: Array, w_down: Ar
     def body(j, y):
         e, first, mask = _overflow_block(lay, capacity, block_rows, rows, j)
         x_blk = jax.lax.dynamic_slice_in_dim(x, first, block_rows)
-        g = jnp.dot(x_blk, w_gate[e], preferred_element_type=jnp.float32)
-        u = jnp.dot(x_blk, w_up[e], preferred_element_type=jnp.float32)
-        h = (jax.nn.silu(g) * u).astype(x.dtype)
-        y_blk = jnp.dot(h, w_down[e], preferred_element_type=jnp.float32).astype(y.dtype)
+        y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e]).astype(y.dtype)
         old = jax.lax.dynamic_slice_in_dim(y, first, block_rows)
         return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], y_blk, old), first, 0)
 
@@ -147,18 +144,12 @@ def _overflow_backward(dx: Array, dw: tuple[Array, Array, Array], dy: Array, x: 
     def body(j, carry):
         dx, (dwg, dwu, dwd) = carry
         e, first, mask = _overflow_block(lay, capacity, block_rows, rows, j)
-        x_blk = jax.lax.dynamic_slice_in_dim(x, first, block_rows).astype(jnp.float32)
-        dy_blk = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(dy, first, block_rows), 0).astype(jnp.float32)
-        wg, wu, wd = (w[e].astype(jnp.float32) for w in (w_gate, w_up, w_down))
-        g, u = x_blk @ wg, x_blk @ wu
-        sg = jax.nn.sigmoid(g)
-        silu = g * sg
-        dh = dy_blk @ wd.T
-        dg = dh * u * sg * (1 + g * (1 - sg))
-        du = dh * silu
+        x_blk = jax.lax.dynamic_slice_in_dim(x, first, block_rows)
+        dy_blk = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(dy, first, block_rows), 0)
+        dx_blk, (dwg_e, dwu_e, dwd_e) = block_swiglu_grads(x_blk, dy_blk, w_gate[e], w_up[e], w_down[e])
         add = lambda acc, v: acc.at[e].add(v)
-        dwg, dwu, dwd = add(dwg, x_blk.T @ dg), add(dwu, x_blk.T @ du), add(dwd, (silu * u).T @ dy_blk)
-        dx_blk = (dg @ wg.T + du @ wu.T).astype(dx.dtype)
+        dwg, dwu, dwd = add(dwg, dwg_e), add(dwu, dwu_e), add(dwd, dwd_e)
+        dx_blk = dx_blk.astype(dx.dtype)
         old = jax.lax.dynamic_slice_in_dim(dx, first, block_rows)
         dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], dx_blk, old), first, 0)
         return dx, (dwg, dwu, dwd)
@@ -168,15 +159,67 @@ def _overflow_backward(dx: Array, dw: tuple[Array, Array, Array], dy: Array, x: 
     return jax.lax.fori_loop(0, lay.num_overflow_blocks, body, carry)
 
 
+def slab_swiglu(xs: Array, w_gate: Array, w_up: Array, w_down: Array) -> tuple[Array, Array, Array]:
+    """The SwiGLU of every slab slot: xs [E, C, D] -> (ys [E, C, D], and the hidden
+    pre-activations g, u [E, C, H], the residuals of `slab_swiglu_grads`). Empty slots
+    (zero rows) give zero outputs."""
+    g = _bmm(xs, w_gate, "ecd,edh->ech", xs.dtype)
+    u = _bmm(xs, w_up, "ecd,edh->ech", xs.dtype)
+    ys = _bmm(jax.nn.silu(g) * u, w_down, "ech,ehd->ecd", xs.dtype)
+    return ys, g, u
+
+
+def slab_swiglu_grads(xs: Array, g: Array, u: Array, dys: Array, w_gate: Array, w_up: Array,
+                      w_down: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    """Backward of `slab_swiglu`: five batched matmuls. Returns dxs f32[E, C, D] and the
+    weight cotangents f32 (w_gate, w_up, w_down); slots with dys = 0 contribute nothing."""
+    f32 = jnp.float32
+    g32, u32 = g.astype(f32), u.astype(f32)
+    sg = jax.nn.sigmoid(g32)
+    silu = g32 * sg
+    h = (silu * u32).astype(xs.dtype)
+    dh = _bmm(dys, w_down, "ecd,ehd->ech", f32)
+    dg = (dh * u32 * sg * (1 + g32 * (1 - sg))).astype(xs.dtype)
+    du = (dh * silu).astype(xs.dtype)
+    dw_down = _bmm(h, dys, "ech,ecd->ehd", f32)
+    dw_gate = _bmm(xs, dg, "ecd,ech->edh", f32)
+    dw_up = _bmm(xs, du, "ecd,ech->edh", f32)
+    dxs = _bmm(dg, w_gate, "ech,edh->ecd", f32) + _bmm(du, w_up, "ech,edh->ecd", f32)
+    return dxs, (dw_gate, dw_up, dw_down)
+
+
+def block_swiglu(x_blk: Array, w_gate_e: Array, w_up_e: Array, w_down_e: Array) -> Array:
+    """One expert's SwiGLU of a block of rows: x_blk [R, D] -> f32[R, D]."""
+    g = jnp.dot(x_blk, w_gate_e, preferred_element_type=jnp.float32)
+    u = jnp.dot(x_blk, w_up_e, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(g) * u).astype(x_blk.dtype)
+    return jnp.dot(h, w_down_e, preferred_element_type=jnp.float32)
+
+
+def block_swiglu_grads(x_blk: Array, dy_blk: Array, w_gate_e: Array, w_up_e: Array,
+                       w_down_e: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    """Backward of `block_swiglu` (recomputing its forward), all in float32: returns
+    dx_blk f32[R, D] and the expert's weight cotangents f32 ([D, H], [D, H], [H, D])."""
+    f32 = jnp.float32
+    x_blk, dy_blk = x_blk.astype(f32), dy_blk.astype(f32)
+    wg, wu, wd = (w.astype(f32) for w in (w_gate_e, w_up_e, w_down_e))
+    g, u = x_blk @ wg, x_blk @ wu
+    sg = jax.nn.sigmoid(g)
+    silu = g * sg
+    dh = dy_blk @ wd.T
+    dg = dh * u * sg * (1 + g * (1 - sg))
+    du = dh * silu
+    dx_blk = dg @ wg.T + du @ wu.T
+    return dx_blk, (x_blk.T @ dg, x_blk.T @ du, (silu * u).T @ dy_blk)
+
+
 def _slab_forward(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows):
     rows = x.shape[0]
     num_experts = w_gate.shape[0]
     lay = slab_layout(group_sizes, rows, capacity, block_rows)
     xs = _to_slab(x, lay, num_experts, capacity)  # [E, C, D]
-    g = _bmm(xs, w_gate, "ecd,edh->ech", x.dtype)
-    u = _bmm(xs, w_up, "ecd,edh->ech", x.dtype)
-    h = jax.nn.silu(g) * u
-    y = _from_slab(_bmm(h, w_down, "ech,ehd->ecd", x.dtype), lay.dest)
+    ys, g, u = slab_swiglu(xs, w_gate, w_up, w_down)
+    y = _from_slab(ys, lay.dest)
     y = _overflow_forward(y, x, w_gate, w_up, w_down, lay, capacity, block_rows)
     return y, (x, xs, g, u, w_gate, w_up, w_down, lay)
 
@@ -194,18 +237,7 @@ def _capacity_swiglu_bwd(capacity, block_rows, res, dy):
     x, xs, g, u, w_gate, w_up, w_down, lay = res
     num_experts = w_gate.shape[0]
     dys = _to_slab(dy, lay, num_experts, capacity)  # overflow rows go to the sink
-    f32 = jnp.float32
-    g32, u32 = g.astype(f32), u.astype(f32)
-    sg = jax.nn.sigmoid(g32)
-    silu = g32 * sg
-    h = (silu * u32).astype(x.dtype)
-    dh = _bmm(dys, w_down, "ecd,ehd->ech", f32)
-    dg = (dh * u32 * sg * (1 + g32 * (1 - sg))).astype(x.dtype)
-    du = (dh * silu).astype(x.dtype)
-    dw_down = _bmm(h, dys, "ech,ecd->ehd", f32)
-    dw_gate = _bmm(xs, dg, "ecd,ech->edh", f32)
-    dw_up = _bmm(xs, du, "ecd,ech->edh", f32)
-    dxs = _bmm(dg, w_gate, "ech,edh->ecd", f32) + _bmm(du, w_up, "ech,edh->ecd", f32)
+    dxs, (dw_gate, dw_up, dw_down) = slab_swiglu_grads(xs, g, u, dys, w_gate, w_up, w_down)
     dx = _from_slab(dxs.astype(x.dtype), lay.dest)
     dx, (dw_gate, dw_up, dw_down) = _overflow_backward(dx, (dw_gate, dw_up, dw_down), dy, x, w_gate, w_up,
                                                        w_down, lay, capacity, block_rows)
@@ -232,14 +264,3 @@ def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down:
     capacity = capacity_for(min(rows, expected_rows or rows), num_experts, capacity_factor)
     block_rows = max(1, min(block_rows, rows))
     return _capacity_swiglu(x_sorted, w_gate, w_up, w_down, group_sizes.astype(jnp.int32), capacity, block_rows)
-
-
-def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array, w_up: Array,
-                     w_down: Array, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                     expected_rows: int | None = None) -> Array:
-    """`reference.moe_ffn` with the SwiGLU of `grouped_swiglu_capacity` (reference
-    dispatch and combine)."""
-    d = reference.dispatch(x, expert_ids, valid, w_gate.shape[0])
-    y_sorted = grouped_swiglu_capacity(d.x_sorted, w_gate, w_up, w_down, d.group_sizes, capacity_factor,
-                                       expected_rows=expected_rows)
-    return reference.combine(y_sorted, d.order, d.valid_sorted, gates)
