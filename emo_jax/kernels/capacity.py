@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 
 from emo_jax import compat
-from emo_jax.kernels import reference
 
 Array = jax.Array
 

@@ -104,7 +104,6 @@ def _slab_ffn_fwd(x, gates, w_gate, w_up, w_down, ts, capacity, block_rows):
 def _slab_ffn_bwd(capacity, block_rows, res, dy):
     x, gates, w_gate, w_up, w_down, ts, y_copies, xs, g, u = res
     tokens, k = gates.shape
-    num_experts = w_gate.shape[0]
     f32 = jnp.float32
     dy32 = dy.astype(f32)
     d_gates = jnp.einsum("tkd,td->tk", y_copies.reshape(tokens, k, -1).astype(f32), dy32)
