@@ -71,24 +71,33 @@ def _overflow_copies(ts: TokenSlab, capacity: int, block_rows: int, j: Array) ->
     return e, jax.lax.dynamic_slice_in_dim(ts.sorted_copy, first, block_rows), mask
 
 
+def _combine_slab(ys: Array, copy_slot: Array, weights: Array) -> Array:
+    """sum_j weights[t, j] * ys[slot of copy (t, j)]: ys [E, C, D], weights f32[T, K]
+    -> f32[T, D]; copies outside the slab (overflow, padding) contribute 0."""
+    tokens, k = weights.shape
+    rows = _rows(ys.reshape(-1, ys.shape[-1]), copy_slot).reshape(tokens, k, -1)  # [T, K, D]
+    return jnp.einsum("tkd,tk->td", rows.astype(jnp.float32), weights)
+
+
 def _forward(x, gates, w_gate, w_up, w_down, ts: TokenSlab, capacity: int, block_rows: int):
-    """-> (y [T, D], y_copies [M, D] (each copy's expert output, 0 for padding), xs, g, u)."""
+    """-> (y [T, D], residuals xs [E, C, D], g, u [E, C, H], ys [E, C, D])."""
     tokens, k = gates.shape
     num_experts = w_gate.shape[0]
     xs = _rows(x, ts.slot_copy // k).reshape(num_experts, capacity, -1)  # [E, C, D]; empty slots 0
     ys, g, u = cap.slab_swiglu(xs, w_gate, w_up, w_down)
-    y_copies = _rows(ys.reshape(-1, ys.shape[-1]), ts.copy_slot)  # [M, D]; overflow/padding 0
+    gates32 = gates.astype(jnp.float32)
+    y = _combine_slab(ys, ts.copy_slot, gates32)
 
-    def overflow(j, y_copies):
+    # Overflow copies add gate * output to their token's row: the loop carries a [T, D]
+    # buffer, so the slab path above stays one gather feeding the weighted sum.
+    def overflow(j, y):
         e, copy, mask = _overflow_copies(ts, capacity, block_rows, j)
-        y_blk = cap.block_swiglu(x[copy // k], w_gate[e], w_up[e], w_down[e]).astype(y_copies.dtype)
-        return y_copies.at[copy].set(jnp.where(mask[:, None], y_blk, y_copies[copy]), unique_indices=True)
+        y_blk = cap.block_swiglu(x[copy // k], w_gate[e], w_up[e], w_down[e])
+        weight = jnp.where(mask, gates32.reshape(-1)[copy], 0)
+        return y.at[copy // k].add(weight[:, None] * y_blk)
 
-    y_copies = jax.lax.fori_loop(0, ts.layout.num_overflow_blocks, overflow,
-                                 compat.vary_like(y_copies, x, w_gate, ts.copy_slot))
-    y = jnp.einsum("tkd,tk->td", y_copies.reshape(tokens, k, -1).astype(jnp.float32),
-                   gates.astype(jnp.float32)).astype(x.dtype)
-    return y, y_copies, xs, g, u
+    y = jax.lax.fori_loop(0, ts.layout.num_overflow_blocks, overflow, compat.vary_like(y, x, w_gate, ts.copy_slot))
+    return y.astype(x.dtype), (xs, g, u, ys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -97,16 +106,18 @@ def _slab_ffn(x, gates, w_gate, w_up, w_down, ts, capacity, block_rows):
 
 
 def _slab_ffn_fwd(x, gates, w_gate, w_up, w_down, ts, capacity, block_rows):
-    y, y_copies, xs, g, u = _forward(x, gates, w_gate, w_up, w_down, ts, capacity, block_rows)
-    return y, (x, gates, w_gate, w_up, w_down, ts, y_copies, xs, g, u)
+    y, slab = _forward(x, gates, w_gate, w_up, w_down, ts, capacity, block_rows)
+    return y, (x, gates, w_gate, w_up, w_down, ts) + slab
 
 
 def _slab_ffn_bwd(capacity, block_rows, res, dy):
-    x, gates, w_gate, w_up, w_down, ts, y_copies, xs, g, u = res
+    x, gates, w_gate, w_up, w_down, ts, xs, g, u, ys = res
     tokens, k = gates.shape
     f32 = jnp.float32
     dy32 = dy.astype(f32)
-    d_gates = jnp.einsum("tkd,td->tk", y_copies.reshape(tokens, k, -1).astype(f32), dy32)
+    # d gate (t, j) = <dy_t, output of copy (t, j)>: the slab copies here, overflow below.
+    d_gates = jnp.einsum("tkd,td->tk", _rows(ys.reshape(-1, ys.shape[-1]), ts.copy_slot).reshape(tokens, k, -1)
+                         .astype(f32), dy32)
     # Each slot's output cotangent: its copy's gate times its token's dy.
     slot_gate = _rows(gates.reshape(-1), ts.slot_copy).astype(f32)  # [E*C]; empty slots 0
     dys = (slot_gate[:, None] * _rows(dy32, ts.slot_copy // k)).astype(x.dtype).reshape(xs.shape)
@@ -115,21 +126,25 @@ def _slab_ffn_bwd(capacity, block_rows, res, dy):
     dx = jnp.sum(_rows(dxs.reshape(-1, dxs.shape[-1]), ts.copy_slot).reshape(tokens, k, -1), axis=1)
 
     def overflow(j, carry):
-        dx, (dwg, dwu, dwd) = carry
+        dx, d_gates, (dwg, dwu, dwd) = carry
         e, copy, mask = _overflow_copies(ts, capacity, block_rows, j)
         token = copy // k
-        dy_blk = jnp.where(mask[:, None], gates.reshape(-1)[copy][:, None].astype(f32) * dy32[token], 0)
-        dx_blk, (dwg_e, dwu_e, dwd_e) = cap.block_swiglu_grads(x[token], dy_blk, w_gate[e], w_up[e], w_down[e])
+        x_blk, dy_blk = x[token], jnp.where(mask[:, None], dy32[token], 0)
+        y_blk = cap.block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e])
+        d_gates = d_gates.at[copy].add(jnp.sum(y_blk * dy_blk, axis=-1))
+        gate = gates.reshape(-1)[copy][:, None].astype(f32)
+        dx_blk, (dwg_e, dwu_e, dwd_e) = cap.block_swiglu_grads(x_blk, gate * dy_blk, w_gate[e], w_up[e], w_down[e])
         dx = dx.at[token].add(jnp.where(mask[:, None], dx_blk, 0))
-        return dx, (dwg.at[e].add(dwg_e), dwu.at[e].add(dwu_e), dwd.at[e].add(dwd_e))
+        return dx, d_gates, (cap.add_at(dwg, e, dwg_e), cap.add_at(dwu, e, dwu_e), cap.add_at(dwd, e, dwd_e))
 
     like = (x, dy, w_gate, ts.copy_slot)
-    dx, dws = jax.lax.fori_loop(0, ts.layout.num_overflow_blocks, overflow,
-                                (compat.vary_like(dx, *like), tuple(compat.vary_like(d, *like) for d in dws)))
+    carry = (dx, d_gates.reshape(-1), dws)
+    dx, d_gates, dws = jax.lax.fori_loop(0, ts.layout.num_overflow_blocks, overflow,
+                                         jax.tree.map(lambda a: compat.vary_like(a, *like), carry))
     dws = tuple(compat.psum_to_match(d, w).astype(w.dtype) for d, w in zip(dws, (w_gate, w_up, w_down)))
     ts_zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jax.dtypes.float0), ts)
-    return (compat.psum_to_match(dx, x).astype(x.dtype), compat.psum_to_match(d_gates, gates).astype(gates.dtype),
-            *dws, ts_zero)
+    d_gates = compat.psum_to_match(d_gates.reshape(tokens, k), gates).astype(gates.dtype)
+    return (compat.psum_to_match(dx, x).astype(x.dtype), d_gates, *dws, ts_zero)
 
 
 _slab_ffn.defvjp(_slab_ffn_fwd, _slab_ffn_bwd)
