@@ -20,11 +20,9 @@ Rows, each the whole SwiGLU (three matmuls) on the same sorted rows:
 Second table, the whole routed FFN from tokens to tokens (dispatch, SwiGLU, combine,
 gates; T tokens, each to K experts) against the same dense SwiGLU over M = T*K rows:
   dense            as above (no dispatch, no combine: the bar)
-  sorted+capacity  reference dispatch into an expert-sorted [M, D] buffer, the slab
-                   SwiGLU of `kernels.capacity` on it, reference combine (the
-                   capacity backend before `kernels.slab_ffn`)
-  slab             `kernels.slab_ffn.moe_ffn_slab`: tokens gathered straight into the
-                   slab, combine read straight out of it (the CPU default)
+  capacity layer   `kernels.capacity.moe_ffn_capacity` (the CPU default backend's
+                   layer): reference dispatch into an expert-sorted [M, D] buffer, the
+                   slab SwiGLU, reference combine
 Rounds alternate between the rows (one process, compile excluded); medians shown, of
 wall time and of the process's CPU time (all threads: on a machine shared with other
 jobs the CPU time is the steadier measure of the work; GFLOP/s counts the useful
@@ -42,7 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from emo_jax.kernels import blocked, capacity, reference, slab_ffn
+from emo_jax.kernels import blocked, capacity, reference
 
 SHAPES = {"S1": (16 * 256, 4, 128, 64, 32), "S2": (8 * 512, 8, 256, 128, 64)}  # T, K, D, H, E
 
@@ -67,13 +65,6 @@ def _gathered(lhs, rhs, gs, block_rows=128):
     buf = jnp.zeros((nb * block_rows + 1, lhs.shape[1]), lhs.dtype).at[dest].set(lhs)
     y = jnp.einsum("nra,nab->nrb", buf[:-1].reshape(nb, block_rows, -1), rhs[be])
     return jnp.concatenate([y.reshape(nb * block_rows, -1), jnp.zeros((1, y.shape[-1]), y.dtype)])[dest]
-
-
-def sorted_capacity_ffn(x, expert_ids, gates, valid, w_gate, w_up, w_down):
-    """Reference dispatch and combine around the sorted-rows slab SwiGLU."""
-    d = reference.dispatch(x, expert_ids, valid, w_gate.shape[0])
-    y_sorted = capacity.grouped_swiglu_capacity(d.x_sorted, w_gate, w_up, w_down, d.group_sizes)
-    return reference.combine(y_sorted, d.order, d.valid_sorted, gates)
 
 
 def formulations(ragged: bool) -> dict:
@@ -141,7 +132,7 @@ def token_ffn_table(x, tok, ids, gates, wg, wu, wd, ct, ct_tok, rounds: int) -> 
     fns = {"dense": (jax.jit(lambda x, tok, g, wg, wu, wd, ct, ctt, ids: dense(x, wg, wu, wd)),
                      jax.jit(jax.value_and_grad(lambda x, tok, g, wg, wu, wd, ct, ctt, ids:
                                                 jnp.sum(dense(x, wg, wu, wd) * ct), argnums=(0, 3, 4, 5))))}
-    for name, ffn in (("sorted+capacity", sorted_capacity_ffn), ("slab", slab_ffn.moe_ffn_slab)):
+    for name, ffn in (("capacity layer", capacity.moe_ffn_capacity),):
         run = lambda tok, g, wg, wu, wd, ids, ffn=ffn: ffn(tok, ids, g, valid, wg, wu, wd)  # noqa: E731
         fns[name] = (jax.jit(lambda x, tok, g, wg, wu, wd, ct, ctt, ids, run=run: run(tok, g, wg, wu, wd, ids)),
                      jax.jit(jax.value_and_grad(lambda x, tok, g, wg, wu, wd, ct, ctt, ids, run=run:

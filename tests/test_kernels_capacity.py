@@ -1,13 +1,10 @@
-"""The `capacity` backend (the CPU default) against the reference: the sorted-rows slab
-SwiGLU (`kernels.capacity`) against three `jax.lax.ragged_dot`, and the token-to-slab
-FFN (`kernels.slab_ffn`, the backend's layer) against the reference layer: values and
-the gradients w.r.t. every input, with and without overflow past the capacity, empty
-groups and padding. Inside shard_map it is covered by tests/test_parallel_moe.py and
-tests/test_parallel_train.py (the default backend on CPU)."""
+"""The `capacity` expert SwiGLU (the CPU default backend) against the reference
+(three `jax.lax.ragged_dot`): values and the gradients w.r.t. the rows and the three
+weights, with and without overflow past the capacity, empty groups, padding rows, and
+the whole dropless layer. Inside shard_map it is covered by tests/test_parallel_moe.py
+(the expert-parallel layer's default backend on CPU)."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +13,7 @@ import pytest
 
 from emo_jax import kernels
 from emo_jax.kernels.capacity import capacity_for, grouped_swiglu_capacity, slab_layout
-from emo_jax.kernels.reference import grouped_swiglu, moe_ffn
-from emo_jax.kernels.slab_ffn import moe_ffn_slab, token_slab
+from emo_jax.kernels.reference import grouped_swiglu
 from moe_layer_check import assert_layer_matches_reference  # noqa: E402
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -105,79 +101,3 @@ def test_capacity_in_bfloat16_is_close_to_float32():
     y16 = grouped_swiglu_capacity(x.astype(jnp.bfloat16), *(v.astype(jnp.bfloat16) for v in w), group_sizes)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
-
-
-# capacity factor, overflow block rows: no overflow; some; nearly every copy; blocks of 3
-SLAB_CASES = [(4.0, 8), (1.0, 64), (0.2, 4), (0.05, 3)]
-
-
-@pytest.mark.parametrize("cf, block", SLAB_CASES)
-def test_slab_ffn_matches_reference_layer(cf, block):
-    assert_layer_matches_reference(functools.partial(moe_ffn_slab, capacity_factor=cf, block_rows=block), **TOL)
-
-
-def _routing_problem(seed: int, tokens: int = 30, k: int = 3, e: int = 5, d: int = 8, h: int = 6):
-    rng = np.random.default_rng(seed)
-    ids = jnp.asarray(np.stack([rng.choice(e, size=k, replace=False) for _ in range(tokens)]), jnp.int32)
-    valid = jnp.asarray(rng.uniform(size=tokens) > 0.25)
-    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
-    gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, k)), jnp.float32)
-    w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((e, d, h), (e, d, h), (e, h, d))]
-    return x, ids, gates, valid, w
-
-
-@pytest.mark.parametrize("capacity", [2, 8, 40])
-def test_token_slab_puts_every_valid_copy_in_one_place(capacity):
-    """Each valid copy is in exactly one slot of its own expert's rows or on the overflow
-    path (past the capacity), slots and copies are inverse maps, padding copies nowhere."""
-    _, ids, _, valid, _ = _routing_problem(1)
-    tokens, k = ids.shape
-    e = 5
-    ts = token_slab(ids, valid, e, capacity, block_rows=4)
-    slot_copy, copy_slot = np.asarray(ts.slot_copy), np.asarray(ts.copy_slot)
-    ids_np, valid_np = np.asarray(ids).reshape(-1), np.repeat(np.asarray(valid), k)
-    sink = e * capacity
-    for copy in range(tokens * k):
-        slot = copy_slot[copy]
-        if not valid_np[copy]:
-            assert slot == sink, "a padding copy must not take a slot"
-        elif slot != sink:
-            assert slot // capacity == ids_np[copy] and slot_copy[slot] == copy
-    filled = slot_copy < tokens * k
-    assert np.all(copy_slot[slot_copy[filled]] == np.nonzero(filled)[0])
-    per_expert = np.bincount(ids_np[valid_np], minlength=e)
-    np.testing.assert_array_equal(filled.reshape(e, capacity).sum(1), np.minimum(per_expert, capacity))
-    overflow = np.maximum(per_expert - capacity, 0)
-    assert int(ts.layout.num_overflow_blocks) == int(np.sum(-(-overflow // 4)))
-
-
-def test_slab_ffn_padding_cannot_leak():
-    """NaN and huge values in padding tokens reach neither an output nor a gradient."""
-    x, ids, gates, valid, w = _routing_problem(2)
-    pad = ~np.asarray(valid)
-    x_bad = jnp.where(jnp.asarray(pad)[:, None], jnp.nan, x)
-    gates_bad = jnp.where(jnp.asarray(pad)[:, None], 1e30, gates)
-
-    def grads(xx, gg):
-        loss = lambda xx, gg, *w: jnp.sum(moe_ffn_slab(xx, ids, gg, valid, *w, capacity_factor=0.3, block_rows=2))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(xx, gg, *w)
-
-    clean, dirty = grads(jnp.where(jnp.asarray(pad)[:, None], 0, x), gates), grads(x_bad, gates_bad)
-    for a, b in zip(clean[2:], dirty[2:]):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), **TOL)
-    for g in dirty:
-        assert np.all(np.isfinite(np.asarray(g)))
-    y = moe_ffn_slab(x_bad, ids, gates_bad, valid, *w)
-    assert np.all(np.asarray(y)[pad] == 0) and np.all(np.isfinite(np.asarray(y)))
-    np.testing.assert_allclose(np.asarray(y)[~pad], np.asarray(moe_ffn(x, ids, gates, valid, *w))[~pad], **TOL)
-
-
-def test_slab_ffn_jits_once_for_any_routing():
-    x, ids, gates, valid, w = _routing_problem(3)
-    f = jax.jit(lambda x, ids, *w: moe_ffn_slab(x, ids, gates, valid, *w, block_rows=4))
-    for seed in range(4):
-        _, ids_s, _, _, _ = _routing_problem(10 + seed)
-        if seed == 3:
-            ids_s = jnp.zeros_like(ids_s).at[:, 1].set(1).at[:, 2].set(2)  # every copy of k=0 to expert 0
-        np.testing.assert_allclose(np.asarray(f(x, ids_s, *w)), np.asarray(moe_ffn(x, ids_s, gates, valid, *w)), **TOL)
-    assert f._cache_size() == 1

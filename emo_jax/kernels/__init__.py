@@ -4,10 +4,9 @@ Backends (config `kernels.moe_backend`), each a `MoEBackend` of four stages with
 contracts of `kernels.reference` (dispatch, grouped_matmul, combine, moe_ffn):
   reference  plain XLA; jax.lax.ragged_dot (efficient on TPU, dense on CPU, padded to
              the worst case on GPU)
-  capacity   tokens gathered straight into a per-expert capacity slab, the expert
-             SwiGLU as three batched matmuls over it, combine read straight out of
-             it; overflow rows in a while loop, dropless (`kernels.slab_ffn`,
-             `kernels.capacity`), the fastest on CPU
+  capacity   reference dispatch/combine; the expert SwiGLU as three batched matmuls
+             over a per-expert capacity slab, overflow rows in a while loop, dropless
+             (`kernels.capacity`), the fastest on CPU
   blocked    reference dispatch/combine; grouped matmul as expert-aligned row blocks
              in a lax.scan (`kernels.blocked`)
   pallas     Pallas kernels with custom VJPs for all of it (`kernels.pallas`): Mosaic
@@ -23,7 +22,7 @@ import functools
 import jax
 
 from emo_jax.kernels.blocked import grouped_matmul_blocked
-from emo_jax.kernels.slab_ffn import moe_ffn_slab
+from emo_jax.kernels.capacity import moe_ffn_capacity
 from emo_jax.kernels.reference import (  # noqa: F401
     Dispatched, GroupedMatmul, MoEBackend, combine, dispatch, grouped_matmul, grouped_swiglu, moe_ffn)
 
@@ -50,8 +49,8 @@ def backend_for(name: str = "auto", platform: str | None = None) -> MoEBackend:
         return pallas.backend(pallas.kernel_set(platform))
     if name == "capacity":
         # The single-matmul contract (grouped_matmul) is served by the blocked loop;
-        # the layer (moe_ffn) goes from tokens to the slab and back (kernels.slab_ffn).
-        return MoEBackend(name, dispatch, grouped_matmul_blocked, combine, moe_ffn_slab)
+        # the layer (moe_ffn) runs the fused capacity SwiGLU.
+        return MoEBackend(name, dispatch, grouped_matmul_blocked, combine, moe_ffn_capacity)
     matmul = grouped_matmul_blocked if name == "blocked" else grouped_matmul
     return MoEBackend(name, dispatch, matmul, combine, functools.partial(moe_ffn, matmul=matmul))
 
@@ -60,7 +59,7 @@ def local_expert_ffn(backend: MoEBackend, expected_rows: int):
     """`backend.moe_ffn` for a buffer of which about `expected_rows` rows are filled
     (the capacity backend sizes its slab for them instead of for the whole buffer)."""
     if backend.name == "capacity":
-        return functools.partial(moe_ffn_slab, expected_rows=expected_rows)
+        return functools.partial(moe_ffn_capacity, expected_rows=expected_rows)
     return backend.moe_ffn
 
 

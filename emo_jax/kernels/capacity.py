@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from emo_jax import compat
+from emo_jax.kernels import reference
 
 Array = jax.Array
 
@@ -270,3 +271,14 @@ def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down:
     capacity = capacity_for(min(rows, expected_rows or rows), num_experts, capacity_factor)
     block_rows = max(1, min(block_rows, rows))
     return _capacity_swiglu(x_sorted, w_gate, w_up, w_down, group_sizes.astype(jnp.int32), capacity, block_rows)
+
+
+def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array, w_up: Array,
+                     w_down: Array, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+                     expected_rows: int | None = None) -> Array:
+    """`reference.moe_ffn` with the SwiGLU of `grouped_swiglu_capacity` (reference
+    dispatch and combine)."""
+    d = reference.dispatch(x, expert_ids, valid, w_gate.shape[0])
+    y_sorted = grouped_swiglu_capacity(d.x_sorted, w_gate, w_up, w_down, d.group_sizes, capacity_factor,
+                                       expected_rows=expected_rows)
+    return reference.combine(y_sorted, d.order, d.valid_sorted, gates)
