@@ -4,6 +4,7 @@
 # issue 16's S2 shape, EMO pool routing).
 #   bash benchmarks/bench_allocator.sh                    (~15 minutes on 2 cores)
 #   JEMALLOC=/path/libjemalloc.so.2 TCMALLOC=/path/libtcmalloc_minimal.so.4 REPEATS=1 bash benchmarks/bench_allocator.sh
+#   ALLOCATORS="system jemalloc_tuned" bash benchmarks/bench_allocator.sh   (the launch default vs glibc)
 # Allocators: system (glibc defaults), glibc_tuned (glibc with MALLOC_MMAP_THRESHOLD_ and
 # MALLOC_TRIM_THRESHOLD_ raised so freed blocks stay in the heap; glibc caps the mmap
 # threshold at 32 MiB, larger blocks are still mapped and unmapped), jemalloc and
@@ -17,7 +18,7 @@ PY=${PYTHON:-.venv/bin/python}
 JEMALLOC=${JEMALLOC:-$(emo_find_jemalloc)}
 TCMALLOC=${TCMALLOC:-$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -1)}
 for repeat in $(seq "${REPEATS:-2}"); do
-  for alloc in system glibc_tuned jemalloc jemalloc_tuned tcmalloc; do
+  for alloc in ${ALLOCATORS:-system glibc_tuned jemalloc jemalloc_tuned tcmalloc}; do
     env_args=(LD_PRELOAD=)
     case $alloc in
       glibc_tuned) env_args+=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824) ;;

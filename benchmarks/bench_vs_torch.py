@@ -1,8 +1,13 @@
 """emo_jax against transformers' OlmoeForCausalLM (PyTorch) on the same machine, same
 weights, float32: training, forward and greedy-generation tokens/s, as a table.
 
+  bash benchmarks/bench_vs_torch.sh                 (jemalloc as the launch scripts set it)
   PYTHONPATH=. JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_vs_torch.py
   ... --shapes S1 --rounds 5 --compile
+
+Run it through benchmarks/bench_vs_torch.sh, or with the launch scripts' allocator
+(launch/allocator.sh): with glibc both frameworks page-fault every large buffer they
+free and allocate again, and the ratios then measure the allocator (BUILD_NOTES.md).
 
 Needs the `interop` extra (torch, transformers). One process; every measured row is
 compiled and warmed up first (jit / torch.compile time excluded), then the rounds
@@ -279,6 +284,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f}); jax {jax.__version__} on {jax.default_backend()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    preload = os.environ.get("LD_PRELOAD", "")
+    print(f"host allocator (both frameworks, one process): {'jemalloc' if 'jemalloc' in preload else preload or 'system'}"
+          f"{', MALLOC_CONF=' + os.environ['MALLOC_CONF'] if os.environ.get('MALLOC_CONF') else ''}")
     print(f"float32 matmul peak (2048^3): jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch {peaks['torch'] / 1e9:.1f} GFLOP/s")
     for shape in args.shapes:
         run_shape(shape, args, torch, transformers, peaks)
