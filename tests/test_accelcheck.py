@@ -134,6 +134,47 @@ def test_broken_kernels_fail_the_check(tmp_path, monkeypatch):
     assert any("padding outputs exactly 0" in n for n in passed), passed
 
 
+def test_emo_shape_programs_lower_for_cuda():
+    """The GPU run's programs at EMO's shape, with the compiled kernels at their real tiles,
+    lower for CUDA without a GPU (Triton's block and tile rules; PTX is only built on the
+    device): the expert computation's forward and gradients (every MoE kernel), flash
+    attention's forward and gradients at S = 4096, and the whole training step."""
+    import jax
+    import jax.numpy as jnp
+
+    from emo_jax.accelcheck import train_step
+    from emo_jax.accelcheck.context import Context, flash_attention, moe_backend
+    from emo_jax.accelcheck.shapes import EMO
+
+    ctx = Context(EMO, interpret=False)
+    t, d, e, h, k = EMO.tokens, EMO.d_model, EMO.experts, EMO.hidden, EMO.top_k
+    sds, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+
+    def lower(fn, *args):
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    ffn = moe_backend(ctx, "pallas").moe_ffn
+    grads = jax.jit(jax.value_and_grad(
+        lambda x, g, a, b, c, ids, valid: jnp.sum(ffn(x, ids, g, valid, a, b, c).astype(f32)), argnums=range(5)))
+    text = lower(grads, sds((t, d), bf16), sds((t, k), f32), sds((e, d, h), bf16), sds((e, d, h), bf16),
+                 sds((e, h, d), bf16), sds((t, k), jnp.int32), sds((t,), bool))
+    for kernel in ("moe_gather_rows", "moe_combine_rows", "moe_gate_grads", "moe_gmm", "moe_tgmm"):
+        assert kernel in text, kernel
+
+    flash = flash_attention(ctx)
+    q = sds((EMO.batch, EMO.seq, EMO.heads, EMO.head_dim), bf16)
+    attn = jax.jit(jax.value_and_grad(lambda q, k, v, s: jnp.sum(flash(q, k, v, s).astype(f32)), argnums=(0, 1, 2)))
+    text = lower(attn, q, q, q, sds((EMO.batch, EMO.seq), jnp.int32))
+    assert "mha_forward" in text and "mha_backward" in text
+
+    program = train_step.build(ctx, "pallas")
+    key = jax.random.PRNGKey(0)
+    state = jax.eval_shape(program.init, key)
+    batch = {name: sds(v.shape, v.dtype) for name, v in train_step.synthetic_batches(EMO, 1)[0].items()}
+    text = lower(program.step, state, batch, key)
+    assert "moe_tgmm" in text and "mha_backward" in text
+
+
 # ------------------------------------------------------------------------- the launcher and isolation
 
 

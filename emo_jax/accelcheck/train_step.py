@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -49,30 +50,46 @@ def step_config(s: Shapes) -> Config:
     return config_from_dict(parse_overrides(overrides))
 
 
-def run(ctx: Context, log: SectionLog, variant: str) -> None:
-    s = ctx.shapes
-    config = step_config(s)
+class StepProgram(NamedTuple):
+    config: Config
+    init: Callable  # jitted: key -> TrainState
+    step: Callable  # jitted, state donated: (state, batch, key) -> (state, metrics)
+    flops: float  # model FLOPs of one step
+
+
+def build(ctx: Context, variant: str) -> StepProgram:
+    """The jitted init and train step of `variant` (nothing compiled yet)."""
+    config = step_config(ctx.shapes)
     model = EmoTransformer(config.model, config.routing, make_moe_layer(moe_backend(ctx, variant)),
                            flash_attention(ctx))
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     schedule = learning_rate_schedule(config.optimizer, config.train.steps)
-    tokens = s.batch * s.seq
-    flops = flops_per_token(config, active_matmul_params(config)) * tokens
+    # The parameters do not depend on the kernels: initialise through the plain layers (the
+    # init forward is dead code under jit, but this way no kernel is compiled twice).
+    init_model = EmoTransformer(config.model, config.routing)
+    init = jax.jit(lambda key: init_train_state(init_model, optimizer, config, key))
+    step = jax.jit(make_train_step(model, optimizer, config, schedule), donate_argnums=(0,))
+    tokens = ctx.shapes.batch * ctx.shapes.seq
+    return StepProgram(config, init, step, flops_per_token(config, active_matmul_params(config)) * tokens)
+
+
+def synthetic_batches(s: Shapes, n: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [packed_batch(rng, s.batch, s.seq, s.vocab, s.min_doc, s.max_doc) for _ in range(n)]
+
+
+def run(ctx: Context, log: SectionLog, variant: str) -> None:
+    s = ctx.shapes
+    program = build(ctx, variant)
+    tokens, flops, step = s.batch * s.seq, program.flops, program.step
     log.info("model", f"{s.layers} layers, d_model {s.d_model}, {s.heads}x{s.head_dim} heads, {s.experts} experts "
                       f"(1 shared) of {s.hidden}, top-{s.top_k}, vocab {s.vocab}, bf16 compute / f32 params, "
                       f"batch {s.batch} x {s.seq}, MoE backend {variant}, flash attention")
     log.info("model FLOPs per step", flops)
-
-    # The parameters do not depend on the kernels: initialise through the plain layers (the
-    # init forward is dead code under jit, but this way no kernel is compiled twice).
-    init_model = EmoTransformer(config.model, config.routing)
     start = time.perf_counter()
-    state = jax.jit(lambda key: init_train_state(init_model, optimizer, config, key))(jax.random.PRNGKey(0))
-    jax.block_until_ready(state)
+    state = jax.block_until_ready(program.init(jax.random.PRNGKey(0)))
     log.info("init seconds (compile + run)", round(time.perf_counter() - start, 2))
-    rng = np.random.default_rng(0)
-    batches = [jax.device_put(packed_batch(rng, s.batch, s.seq, s.vocab, s.min_doc, s.max_doc)) for _ in range(2)]
-    step = jax.jit(make_train_step(model, optimizer, config, schedule), donate_argnums=(0,))
+    batches = [jax.device_put(b) for b in synthetic_batches(s, 2)]
 
     start = time.perf_counter()
     state, metrics = step(state, batches[0], jax.random.PRNGKey(1))
