@@ -134,6 +134,27 @@ def test_broken_kernels_fail_the_check(tmp_path, monkeypatch):
     assert any("padding outputs exactly 0" in n for n in passed), passed
 
 
+def test_slow_implementations_are_skipped_later(tmp_path, monkeypatch):
+    """An implementation whose first call exceeds timing.SLOW_FIRST_S (0 here: every one) is
+    not timed, its later rows are skipped, and later sections skip it too (hints passed on)."""
+    from emo_jax.accelcheck import timing
+
+    monkeypatch.setattr(timing, "SLOW_FIRST_S", 0.0)
+    rc, doc = run_tiny(tmp_path, "--sections", "kernels", "moe_layer", "step_reference")
+    assert rc == 0, doc
+    kernels = doc["sections"]["kernels"]["records"]
+    timed = [r for r in kernels if r["kind"] == "bench"]
+    assert {r["impl"] for r in timed} >= {"xla", "pallas", "capacity", "blocked", "reference"}
+    assert all(r["seconds"] is None and "not timed" in r["note"] for r in timed)
+    assert len({r["impl"] for r in timed}) == len(timed)  # one row per implementation, the rest skipped
+    assert any(r["kind"] == "info" and str(r["value"]).startswith("skipped: slow") for r in kernels)
+    layer = doc["sections"]["moe_layer"]["records"]
+    assert not [r for r in layer if r["kind"] == "bench"]
+    assert sum(str(r.get("value", "")).startswith("skipped: slow") for r in layer) == 4
+    step = doc["sections"]["step_reference"]["records"]
+    assert [r["value"] for r in step if r["name"] == "train step [reference]"][0].startswith("skipped: slow")
+
+
 def test_emo_shape_programs_lower_for_cuda():
     """The GPU run's programs at EMO's shape, with the compiled kernels at their real tiles,
     lower for CUDA without a GPU (Triton's block and tile rules; PTX is only built on the

@@ -31,8 +31,8 @@ from emo_jax.accelcheck import flops as flops_lib
 from emo_jax.accelcheck import problems
 from emo_jax.accelcheck.context import Context, blocked_attention, flash_attention, moe_backend, moe_kernel_set
 from emo_jax.accelcheck.correctness import TOL, rel_err
-from emo_jax.accelcheck.report import SectionLog
-from emo_jax.accelcheck.timing import bench_record, time_call
+from emo_jax.accelcheck.report import SLOW_RECORD, SectionLog
+from emo_jax.accelcheck.timing import bench_record, slow_reason, time_call
 from emo_jax.kernels import layout as layout_lib
 from emo_jax.kernels import pallas, reference
 from emo_jax.kernels.attention import reference_attention
@@ -50,15 +50,24 @@ def _grad_fn(f: Callable, argnums) -> Callable:
     return jax.jit(jax.value_and_grad(lambda *a: _sum_f32(f(*a)), argnums=argnums))
 
 
-def _run_rows(ctx: Context, log: SectionLog, rows: list) -> dict:
-    """rows: (name, impl, build -> (fn, args), flops, nbytes, note). Returns {name/impl: seconds}."""
-    seconds = {}
+def _run_rows(ctx: Context, log: SectionLog, rows: list, slow: dict | None = None) -> dict:
+    """rows: (name, impl, build -> (fn, args), flops, nbytes, note). Returns {(name, impl):
+    seconds}. An implementation found slow (by an earlier section, or in `slow`, which
+    this call adds to) is skipped."""
+    seconds, slow = {}, {} if slow is None else slow
     for name, impl, build, flops, nbytes, note in rows:
+        if impl in ctx.slow or impl in slow:
+            log.info(f"{name} [{impl}]", f"skipped: slow ({ctx.slow.get(impl) or slow[impl]})")
+            continue
         try:
             fn, args = build()
             timed = time_call(fn, args, ctx.shapes.repeats)
-            seconds[(name, impl)] = timed["seconds"]
             log.add(bench_record(ctx, name, impl, timed, flops=flops, nbytes=nbytes, note=note))
+            if timed["slow"]:
+                slow[impl] = slow_reason(name, timed)
+                log.info(SLOW_RECORD, dict(slow))
+            else:
+                seconds[(name, impl)] = timed["seconds"]
         except Exception as err:  # noqa: BLE001 - one row failing must not stop the others
             log.error(f"{name} [{impl}]", err)
     return seconds
@@ -145,8 +154,11 @@ def kernels(ctx: Context, log: SectionLog) -> None:
         ("grouped matmul fwd+bwd", "reference", ref_gmm_grad, 3 * gmm_flops, 0, "jax.lax.ragged_dot"),
         ("expert computation fwd+bwd", "reference", ffn("reference"), ffn_flops, 0, "jax.lax.ragged_dot"),
     ]
-    sec = _run_rows(ctx, log, rows)
+    # jax's Triton ragged_dot runs before the XLA ragged_dot rows, which may be pathological.
+    slow: dict = {}
+    sec = _run_rows(ctx, log, rows[:-3], slow)
     sec.update(_triton_ragged_dot(ctx, log, sent, wg, gmm_flops))
+    sec.update(_run_rows(ctx, log, rows[-3:], slow))
     dense_key = ("dense matmul [M,D]x[D,H] fwd (equal FLOPs)", "xla")
     _vs(sec, log, [
         (("grouped matmul fwd", "pallas"), dense_key, "pallas gmm fwd time / dense"),
@@ -202,6 +214,9 @@ def moe_layer(ctx: Context, log: SectionLog) -> None:
 
     first = None
     for name in LAYER_BACKENDS:
+        if name in ctx.slow:
+            log.info(f"MoE layer fwd+bwd [{name}]", f"skipped: slow ({ctx.slow[name]})")
+            continue
         try:
             fn = make_moe_layer(moe_backend(ctx, name))
 
@@ -212,6 +227,8 @@ def moe_layer(ctx: Context, log: SectionLog) -> None:
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
             timed = time_call(step, (x, w_router, *ws), s.repeats)
             log.add(bench_record(ctx, "MoE layer fwd+bwd", name, timed, flops=flops))
+            if timed["slow"]:
+                log.info(SLOW_RECORD, {name: slow_reason("MoE layer fwd+bwd", timed)})
             (_, y), grads = timed["out"]
             if first is None:
                 first = (name, y, grads)

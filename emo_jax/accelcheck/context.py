@@ -24,6 +24,8 @@ class Context:
     interpret: bool
     # "bf16" / "fp32" -> {"datasheet": FLOP/s or None, "measured": FLOP/s or None}
     peaks: dict = dataclasses.field(default_factory=dict)
+    # implementation -> why: found pathologically slow by an earlier section (see timing)
+    slow: dict = dataclasses.field(default_factory=dict)
 
     def peak(self, dtype: str, which: str) -> float | None:
         return self.peaks.get(dtype, {}).get(which)

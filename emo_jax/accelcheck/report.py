@@ -24,6 +24,7 @@ from typing import Any
 
 CORRECTNESS = "correctness"
 PEAKS_RECORD = "peaks FLOP/s"  # env's record whose value the runner hands to later sections
+SLOW_RECORD = "slow implementations"  # {impl: why}: later sections skip these (the runner hands them on)
 
 
 def _finite_or_none(value: Any) -> Any:

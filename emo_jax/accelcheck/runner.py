@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # internal: one section in a subprocess
     p.add_argument("--run-section", choices=SECTION_NAMES, help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
-    p.add_argument("--peaks", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--hints", default="{}", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -79,7 +79,7 @@ def plan(args) -> list[tuple[str, float]]:
 
 
 def execute(name: str, ctx, log: report.SectionLog):
-    """Runs section `name` in this process (imports jax). Returns env's peaks, else None."""
+    """Runs section `name` in this process (imports jax)."""
     from emo_jax.accelcheck import bench, correctness, env, train_step
 
     if name == "env":
@@ -97,16 +97,28 @@ def execute(name: str, ctx, log: report.SectionLog):
     raise ValueError(f"unknown section {name!r}")
 
 
-def make_context(shapes: str, interpret: bool, peaks: dict):
+def make_context(args, hints: dict):
+    """The sections' context; `hints` are what earlier sections found (the peaks, slow
+    implementations)."""
     from emo_jax.accelcheck.context import Context
-    return Context(SHAPES[shapes], interpret, peaks)
+    return Context(SHAPES["tiny" if args.tiny else "emo"], args.interpret, hints.get("peaks", {}), hints.get("slow", {}))
+
+
+def update_hints(hints: dict, section: dict) -> None:
+    """Collects env's peaks and every section's slow implementations for the next ones."""
+    peaks = _record_value(section, report.PEAKS_RECORD)
+    if peaks:
+        hints["peaks"] = peaks
+    for r in section["records"]:
+        if r["kind"] == "info" and r["name"] == report.SLOW_RECORD:
+            hints.setdefault("slow", {}).update(r["value"])
 
 
 def run_one_section(args) -> int:
     """Child process: one section, records flushed to --part after each one."""
     log = report.SectionLog(args.run_section, args.part)
     try:
-        ctx = make_context("tiny" if args.tiny else "emo", args.interpret, json.loads(args.peaks))
+        ctx = make_context(args, json.loads(args.hints))
         execute(args.run_section, ctx, log)
     except BaseException as err:  # noqa: BLE001 - recorded, then a non-zero exit
         log.error("section", err)
@@ -115,10 +127,10 @@ def run_one_section(args) -> int:
     return 0
 
 
-def _subprocess_section(name: str, args, limit: float, peaks: dict, parts: Path) -> dict:
+def _subprocess_section(name: str, args, limit: float, hints: dict, parts: Path) -> dict:
     part = parts / f"{name}.json"
     cmd = [sys.executable, "-m", "emo_jax.accelcheck", "--run-section", name, "--part", str(part),
-           "--peaks", json.dumps(peaks)] + (["--tiny"] if args.tiny else []) + (["--interpret"] if args.interpret else [])
+           "--hints", json.dumps(hints)] + (["--tiny"] if args.tiny else []) + (["--interpret"] if args.interpret else [])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -141,14 +153,12 @@ def _subprocess_section(name: str, args, limit: float, peaks: dict, parts: Path)
     return section
 
 
-def _in_process_section(name: str, args, peaks: dict, results: dict) -> dict:
+def _in_process_section(name: str, args, hints: dict) -> dict:
     log = report.SectionLog(name)
     start = time.time()
     finished = True
     try:
-        found = execute(name, make_context("tiny" if args.tiny else "emo", args.interpret, peaks), log)
-        if name == "env":
-            results["peaks"] = found
+        execute(name, make_context(args, hints), log)
     except Exception as err:  # noqa: BLE001
         log.error("section", err)
         log.info("traceback", traceback.format_exc()[-3000:])
@@ -194,7 +204,7 @@ def _run_sections(args, out: Path, parts: Path) -> dict:
             "command": " ".join([Path(sys.executable).name, "-m", "emo_jax.accelcheck"] + (args.argv or [])),
             "commit": _git_commit(), "budget_s": budget, "isolation": "in-process" if args.in_process else "subprocess"}
     doc = {"meta": meta, "sections": {}, "exit_code": None}
-    peaks: dict = {}
+    hints: dict = {}
     stop_reason = None
     for name, limit in plan(args):
         left = budget - (time.time() - start)
@@ -204,13 +214,10 @@ def _run_sections(args, out: Path, parts: Path) -> dict:
             continue
         print(f"=== section {name} (limit {min(limit, left):.0f} s, {left:.0f} s of the budget left)", flush=True)
         if args.in_process:
-            holder: dict = {}
-            section = _in_process_section(name, args, peaks, holder)
-            peaks = holder.get("peaks", peaks) or peaks
+            section = _in_process_section(name, args, hints)
         else:
-            section = _subprocess_section(name, args, min(limit, left), peaks, parts)
-            if name == "env":
-                peaks = _record_value(section, report.PEAKS_RECORD) or {}
+            section = _subprocess_section(name, args, min(limit, left), hints, parts)
+        update_hints(hints, section)
         doc["sections"][name] = section
         if name == "env":
             backend = _record_value(section, "backend")

@@ -80,6 +80,9 @@ def synthetic_batches(s: Shapes, n: int) -> list[dict]:
 
 def run(ctx: Context, log: SectionLog, variant: str) -> None:
     s = ctx.shapes
+    if variant in ctx.slow:
+        log.info(f"train step [{variant}]", f"skipped: slow ({ctx.slow[variant]})")
+        return
     program = build(ctx, variant)
     tokens, flops, step = s.batch * s.seq, program.flops, program.step
     log.info("model", f"{s.layers} layers, d_model {s.d_model}, {s.heads}x{s.head_dim} heads, {s.experts} experts "
