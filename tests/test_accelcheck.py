@@ -246,6 +246,26 @@ def test_no_gpu_without_interpret_stops_after_env(tmp_path):
     assert doc["sections"]["correctness"]["status"] == "skipped"
 
 
+def test_check_imports_only_what_the_gpu_image_has():
+    """Every section's module imports without the packages the GPU image lacks (grain,
+    tensorflow-datasets, array_record, tensorboardX) and without torch."""
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'grain', 'tensorflow_datasets', 'array_record', 'tensorflow', 'tensorboardX',
+                                  'torch', 'transformers'}:
+            raise ImportError('the GPU image has no ' + name)
+sys.meta_path.insert(0, Block())
+from emo_jax.accelcheck import runner, env, correctness, bench, train_step  # noqa
+print('imported', sorted(m for m in sys.modules if m.startswith('emo_jax.data')))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported []" in out.stdout
+
+
 @pytest.mark.slow
 def test_tiny_interpret_full_run_through_the_launcher(tmp_path):
     """All eight sections, each in its own process, as a GPU run executes them (~2 min)."""
