@@ -22,6 +22,7 @@ from emo_jax.accelcheck import flops, report, runner
 
 sys.path.insert(0, os.path.dirname(__file__))
 from accelcheck_helpers import assert_sections_ok, run_tiny  # noqa: E402
+from lowering_helpers import abstract_gpu, shapes_only  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,8 @@ def test_emo_shape_programs_lower_for_cuda():
     sds, bf16, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
 
     def lower(fn, *args):
-        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        with abstract_gpu():
+            return fn.trace(*shapes_only(args)).lower(lowering_platforms=("cuda",)).as_text()
 
     ffn = moe_backend(ctx, "pallas").moe_ffn
     grads = jax.jit(jax.value_and_grad(
