@@ -178,8 +178,8 @@ def _triton_ragged_dot(ctx: Context, log: SectionLog, sent, w, gmm_flops: float)
     if ctx.interpret or jax.default_backend() != "gpu":
         log.info(f"{impl}", "skipped: GPU only")
         return {}
-    if not hasattr(jax.config, flag):
-        log.info(f"{impl}", f"skipped: no {flag} in jax {jax.__version__}")
+    if not hasattr(jax.config, flag) or not _module_exists("jax._src.lax.pallas_lowerings.gpu.ragged_dot"):
+        log.info(f"{impl}", f"skipped: jax {jax.__version__} has no {flag} (or no module behind it)")
         return {}
     jax.config.update(flag, True)
     try:
@@ -188,6 +188,14 @@ def _triton_ragged_dot(ctx: Context, log: SectionLog, sent, w, gmm_flops: float)
             gmm_flops, 0, "")])
     finally:
         jax.config.update(flag, False)
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 # ----------------------------------------------------------------------------- MoE layer

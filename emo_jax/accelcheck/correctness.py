@@ -17,8 +17,9 @@ MoE case at EMO's widths, whose reference runs in bf16: XLA may lower ragged_dot
 to E dense matmuls (E x the FLOPs), which in float32 would take minutes.
 
 Error = max |kernel - reference| / max |reference| over the compared entries (inf if the
-kernel gave a NaN or inf anywhere). Tolerances: float32 2e-3 (covers TF32-level
-accumulation differences; a wrong row or a dropped term is O(1)), bf16 3e-2.
+kernel gave a NaN or inf anywhere). Tolerances: float32 5e-3 (jax's flash kernel multiplies
+float32 tiles at the default precision, TF32 on a GPU: errors near 1e-3; a wrong row or a
+dropped term is O(1e-1) or more), bf16 3e-2.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from emo_jax.accelcheck.report import SectionLog
 from emo_jax.kernels import reference
 from emo_jax.kernels.attention import reference_attention
 
-TOL = {"float32": 2e-3, "bfloat16": 3e-2}
+TOL = {"float32": 5e-3, "bfloat16": 3e-2}
 GRAD_NAMES = ("d_x", "d_gates", "d_w_gate", "d_w_up", "d_w_down")
 
 

@@ -7,7 +7,10 @@ timed calls after a warm-up: the ceiling the MFU columns are also quoted against
 
 from __future__ import annotations
 
+import os
 import platform as platform_lib
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -25,6 +28,19 @@ def _version(name: str) -> str:
         return version(name)
     except Exception:  # noqa: BLE001 - not installed
         return "-"
+
+
+def nvidia_smi() -> str | None:
+    """GPU name, driver, clocks and power limit from nvidia-smi, if there is one."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=15)
+        return f"{query}: {out.stdout.strip() or out.stderr.strip()}"
+    except Exception as err:  # noqa: BLE001 - informational only
+        return f"nvidia-smi failed: {err}"
 
 
 def measure_matmul_peak(n: int, dtype, repeats: int) -> float:
@@ -64,6 +80,11 @@ def run(ctx: Context, log: SectionLog) -> dict:
         log.info("device memory limit GiB", round(stats.get("bytes_limit", 0) / 2**30, 1))
     except Exception as err:  # noqa: BLE001 - not every backend reports memory
         log.error("device memory", err)
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR"):
+        log.info(f"env {var}", os.environ.get(var, "-"))
+    smi = nvidia_smi()
+    if smi:
+        log.info("nvidia-smi", smi)
     log.info("interpret (Pallas interpreter)", ctx.interpret)
     log.info("shapes", ctx.shapes.name)
     on_gpu = jax.default_backend() in ("gpu", "cuda")
