@@ -85,7 +85,7 @@ def run(ctx: Context, log: SectionLog, variant: str) -> None:
         return
     program = build(ctx, variant)
     tokens, flops, step = s.batch * s.seq, program.flops, program.step
-    log.info("model", f"{s.layers} layers, d_model {s.d_model}, {s.heads}x{s.head_dim} heads, {s.experts} experts "
+    log.info("model", f"{s.layers} layers, d_model {s.d_model}, {s.heads} heads of {s.head_dim}, {s.experts} experts "
                       f"(1 shared) of {s.hidden}, top-{s.top_k}, vocab {s.vocab}, bf16 compute / f32 params, "
                       f"batch {s.batch} x {s.seq}, MoE backend {variant}, flash attention")
     log.info("model FLOPs per step", flops)
