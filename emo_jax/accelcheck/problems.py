@@ -33,14 +33,17 @@ def moe_case(t: int, k: int, e: int, d: int, h: int, dtype, seed: int = 0, paddi
     valid = rng.random(t) >= 0.25 if padding else np.ones(t, bool)
     if padding:
         valid[[0, t - 1]] = False
-    x = rng.normal(size=(t, d))
     gates = rng.uniform(0.1, 1.0, size=(t, k))
-    x[~valid] = np.nan
     gates[~valid] = np.nan
+    # The large arrays come from jax.random on the device (EMO's expert weights are 268M
+    # numbers each: seconds in numpy).
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    normal = lambda key, *s, scale=1.0: (jax.random.normal(key, s, jnp.float32) * scale).astype(dtype)  # noqa: E731
+    x = jnp.where(jnp.asarray(valid)[:, None], normal(keys[0], t, d), jnp.nan).astype(dtype)
     scale = 1.0 / np.sqrt(d)
-    w = lambda *s: jnp.asarray(rng.normal(size=s) * scale, dtype)  # noqa: E731
-    return MoECase(jnp.asarray(x, dtype), jnp.asarray(ids), jnp.asarray(gates, jnp.float32), jnp.asarray(valid),
-                   w(e, d, h), w(e, d, h), w(e, h, d), jnp.asarray(rng.normal(size=(t, d)), dtype))
+    return MoECase(x, jnp.asarray(ids), jnp.asarray(gates, jnp.float32), jnp.asarray(valid),
+                   normal(keys[1], e, d, h, scale=scale), normal(keys[2], e, d, h, scale=scale),
+                   normal(keys[3], e, h, d, scale=scale), normal(keys[4], t, d))
 
 
 def bench_routing(t: int, d: int, e: int, h: int, k: int, dtype, seed: int = 0) -> dict:
