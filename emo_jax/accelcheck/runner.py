@@ -101,7 +101,8 @@ def make_context(args, hints: dict):
     """The sections' context; `hints` are what earlier sections found (the peaks, slow
     implementations)."""
     from emo_jax.accelcheck.context import Context
-    return Context(SHAPES["tiny" if args.tiny else "emo"], args.interpret, hints.get("peaks", {}), hints.get("slow", {}))
+    shapes = SHAPES["tiny" if args.tiny else "emo"]
+    return Context(shapes, args.interpret, hints.get("peaks", {}), hints.get("slow", {}))
 
 
 def update_hints(hints: dict, section: dict) -> None:
@@ -130,7 +131,8 @@ def run_one_section(args) -> int:
 def _subprocess_section(name: str, args, limit: float, hints: dict, parts: Path) -> dict:
     part = parts / f"{name}.json"
     cmd = [sys.executable, "-m", "emo_jax.accelcheck", "--run-section", name, "--part", str(part),
-           "--hints", json.dumps(hints)] + (["--tiny"] if args.tiny else []) + (["--interpret"] if args.interpret else [])
+           "--hints", json.dumps(hints)]
+    cmd += (["--tiny"] if args.tiny else []) + (["--interpret"] if args.interpret else [])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -143,13 +145,18 @@ def _subprocess_section(name: str, args, limit: float, hints: dict, parts: Path)
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait()
-    records = json.loads(part.read_text())["records"] if part.exists() else []
-    section = {"status": report.section_status(records, finished=(rc == 0), timed_out=timed_out),
+    try:
+        records, unreadable = (json.loads(part.read_text())["records"] if part.exists() else []), None
+    except (OSError, ValueError, KeyError) as err:
+        records, unreadable = [], f"its records could not be read back: {err}"
+    section = {"status": report.section_status(records, finished=(rc == 0 and not unreadable), timed_out=timed_out),
                "seconds": round(time.time() - start, 2), "limit_s": round(limit, 1), "records": records}
     if timed_out:
         section["error"] = f"killed at its time limit of {limit:.0f} s"
     elif rc != 0:
         section["error"] = f"section process exited with code {rc}"
+    elif unreadable:
+        section["error"] = unreadable
     return section
 
 
@@ -200,7 +207,8 @@ def run_check(args) -> dict:
 def _run_sections(args, out: Path, parts: Path) -> dict:
     budget = args.budget if args.budget is not None else (1800.0 if args.tiny else 450.0)
     start = time.time()
-    meta = {"mode": mode_text(args), "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {"mode": mode_text(args), "started_utc": now.isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, "-m", "emo_jax.accelcheck"] + (args.argv or [])),
             "commit": _git_commit(), "budget_s": budget, "isolation": "in-process" if args.in_process else "subprocess"}
     doc = {"meta": meta, "sections": {}, "exit_code": None}
@@ -213,10 +221,13 @@ def _run_sections(args, out: Path, parts: Path) -> dict:
                                      "error": stop_reason or f"no time left in the {budget:.0f} s budget"}
             continue
         print(f"=== section {name} (limit {min(limit, left):.0f} s, {left:.0f} s of the budget left)", flush=True)
-        if args.in_process:
-            section = _in_process_section(name, args, hints)
-        else:
-            section = _subprocess_section(name, args, min(limit, left), hints, parts)
+        try:
+            if args.in_process:
+                section = _in_process_section(name, args, hints)
+            else:
+                section = _subprocess_section(name, args, min(limit, left), hints, parts)
+        except Exception as err:  # noqa: BLE001 - the orchestrator itself must always write its file
+            section = {"status": "error", "seconds": 0.0, "records": [], "error": f"{type(err).__name__}: {err}"}
         update_hints(hints, section)
         doc["sections"][name] = section
         if name == "env":
