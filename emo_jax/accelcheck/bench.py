@@ -10,7 +10,8 @@ a copy with gate 1 as `kernels.reference` sees it):
   expert computation moe_ffn forward+backward per backend: pallas, capacity, blocked, reference
 moe_layer: the whole layer (router, EMO's random document pools, routed experts, the dense
   shared expert), forward+backward per backend, on [B, S, D]; every backend's output and
-  gradients are checked against the first one's (a correctness check at the full shape).
+  gradients are checked against the first one's, capacity (plain XLA, tested against the
+  reference on CPU): a correctness check of the others at the full shape.
 attention: flash (Pallas Triton), blocked (pure JAX) and reference (S x S mask), forward and
   forward+backward, one document per row and packed documents.
 
@@ -200,7 +201,7 @@ def _module_exists(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- MoE layer
 
-LAYER_BACKENDS = ("pallas", "capacity", "blocked", "reference")
+LAYER_BACKENDS = ("capacity", "pallas", "blocked", "reference")  # the first is the others' baseline
 
 
 def moe_layer(ctx: Context, log: SectionLog) -> None:
