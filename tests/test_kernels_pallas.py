@@ -459,7 +459,10 @@ def _lowering_case(dtype=jnp.bfloat16, t=256, k=8, e=8, d=256, h=512, r=128):
                      dy=z(t, d), e=e)
 
 
-def _lower_all(mod, platform, lay, s):
+def _lower_all(mod, platform, lay, s, context):
+    """Lowers every raw kernel for `platform` inside `context()` (an abstract device)."""
+    from lowering_helpers import shapes_only
+
     rows = lay.rows
     calls = {
         "gather": (mod.gather_rows, (s["x"], rows.row_token, rows.row_valid, rows.used_rows,
@@ -473,7 +476,8 @@ def _lower_all(mod, platform, lay, s):
     }
     for name, (fn, args) in calls.items():
         try:
-            jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+            with context():
+                jax.jit(fn).trace(*shapes_only(args)).lower(lowering_platforms=(platform,))
         except Exception as err:  # noqa: BLE001 - report which kernel
             raise AssertionError(f"{name} does not lower for {platform}: {err}") from err
 
@@ -481,19 +485,19 @@ def _lower_all(mod, platform, lay, s):
 def test_tpu_kernels_lower_for_tpu_at_real_tiles():
     """Mosaic lowering (block-shape rules, SMEM blocks, DMAs) for a TPU v5e, without a TPU.
     Mosaic's own compiler passes run only on a TPU host."""
-    from jax._src import mesh as mesh_lib  # private: an abstract TPU device for lowering only
+    from lowering_helpers import abstract_device, has_abstract_device
 
-    if not hasattr(mesh_lib, "AbstractDevice"):
+    if not has_abstract_device():
         pytest.skip("no abstract TPU device in this jax")
-    device = mesh_lib.AbstractDevice("TPU v5 lite", 1, "tpu")
-    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=device)):
-        _lower_all(pallas_tpu, "tpu", *_lowering_case())
+    _lower_all(pallas_tpu, "tpu", *_lowering_case(), lambda: abstract_device("TPU v5 lite", "tpu"))
 
 
 def test_gpu_kernels_lower_for_cuda_at_real_tiles():
     """The Triton lowering (power-of-two tiles, pointer gathers) without a GPU; PTX is
-    compiled on the device."""
-    _lower_all(pallas_gpu, "cuda", *_lowering_case())
+    compiled on the device. jax 0.12 reads the compute capability from an abstract GPU."""
+    from lowering_helpers import abstract_gpu
+
+    _lower_all(pallas_gpu, "cuda", *_lowering_case(), abstract_gpu)
 
 
 # ---------------------------------------------------------------------------- on a real accelerator

@@ -44,6 +44,13 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _dot(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False, precision=None) -> Array:
+    """a @ b of two 2-D tiles (either transposed), accumulated in float32: what `pl.dot`
+    did (deprecated in jax 0.11, removed in 0.12), written as the dot_general it lowered to."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _params(num_warps: int, num_stages: int):
     _, plgpu = _modules()
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -184,7 +191,7 @@ def gmm(lhs: Array, rhs: Array, layout: GroupLayout, *, transpose_rhs: bool = Fa
             def body(kk, acc):
                 ks = pl.ds(pl.multiple_of(kk * bk, bk), bk)
                 w = rhs_ref[e, ncols, ks] if transpose_rhs else rhs_ref[e, ks, ncols]
-                return acc + pl.dot(lhs_ref[rows, ks], w, trans_b=transpose_rhs, precision=precision)
+                return acc + _dot(lhs_ref[rows, ks], w, trans_b=transpose_rhs, precision=precision)
 
             acc = jax.lax.fori_loop(0, a // bk, body, jnp.zeros((r, bn), jnp.float32))
             real = jax.lax.broadcasted_iota(jnp.int32, (r, bn), 0) < rows_ref[bi]
@@ -224,7 +231,7 @@ def tgmm(lhs: Array, dy: Array, layout: GroupLayout, *, num_experts: int, out_dt
             real = jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) < rows_ref[blk]
             x = jnp.where(real, lhs_ref[rows, acols], 0)
             g = jnp.where(real, dy_ref[rows, bcols], 0)
-            return acc + pl.dot(x, g, trans_a=True, precision=precision)
+            return acc + _dot(x, g, trans_a=True, precision=precision)
 
         acc = jax.lax.fori_loop(0, nblk_ref[e], body, jnp.zeros((ba, bb), jnp.float32))
         o_ref[e, acols, bcols] = acc.astype(o_ref.dtype)
