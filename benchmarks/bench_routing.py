@@ -5,7 +5,8 @@
 `routing.route` at issue 16's S2 shape (B 8, S 512, 63 routed experts, top-7 routed,
 G = S + 1 segment slots, pool sizes UniformInt[8, 64], 4 documents per row), as
 jit(value_and_grad) of the gates and probabilities, for: standard routing (no pool), the
-pool (one sort, now), and the pool with the two stable argsorts it used before issue 16.
+pool (ranks by counting, now), the pool with one sort of every slot (issue 16, first
+version) and with the two stable argsorts it used before issue 16.
 Median of --rounds alternating rounds. The pool's overhead over standard routing is
 (pool - standard) x layers; divide by a measured standard training step
 (benchmarks/bench_step.py) for its share of the step (--step-seconds).
@@ -32,6 +33,18 @@ def document_pool_two_argsorts(scores, pool_sizes):
     return rank < pool_sizes[..., None]
 
 
+def document_pool_one_sort(scores, pool_sizes):
+    """routing.document_pool with one sort of every slot (the d-th largest score as a
+    threshold, ties by index): issue 16's first replacement of the two argsorts."""
+    scores = jax.lax.stop_gradient(scores)
+    size = jnp.clip(pool_sizes, 0, scores.shape[-1])[..., None]
+    descending = -jnp.sort(-scores, axis=-1)
+    threshold = jnp.take_along_axis(descending, jnp.maximum(size - 1, 0), axis=-1)
+    above, tied = scores > threshold, scores == threshold
+    room = size - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    return (above | (tied & (jnp.cumsum(tied.astype(jnp.int32), axis=-1) <= room))) & (size > 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
@@ -50,12 +63,14 @@ def main() -> None:
             return jnp.sum(r.gates) + jnp.sum(r.probs * r.probs) + jnp.sum(r.stats.router_z_sum)
         return jax.jit(jax.value_and_grad(f))
 
-    fns = {"standard": objective(None), "pool (one sort)": objective(sizes)}
+    fns = {"standard": objective(None), "pool (ranks by counting)": objective(sizes)}
     saved = routing.document_pool
-    routing.document_pool = document_pool_two_argsorts
     try:
-        fns["pool (two argsorts, before)"] = objective(sizes)
-        jax.block_until_ready(fns["pool (two argsorts, before)"](logits))  # traced with the old pool
+        for name, pool_fn in (("pool (one sort)", document_pool_one_sort),
+                              ("pool (two argsorts, before)", document_pool_two_argsorts)):
+            routing.document_pool = pool_fn
+            fns[name] = objective(sizes)
+            jax.block_until_ready(fns[name](logits))  # traced with this pool function
     finally:
         routing.document_pool = saved
     for fn in fns.values():
