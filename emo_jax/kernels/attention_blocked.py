@@ -94,6 +94,17 @@ def _tile_mask(seg_q: Array, seg_k: Array, q_start: Array, k_start: Array) -> Ar
     return (causal[None] & same)[:, None]
 
 
+def _key_tile(q_i: Array, seg_q: Array, q_start: Array, k: Array, v: Array, seg: Array, k_start: Array,
+              block_k: int) -> tuple[Array, Array, Array, Array]:
+    """The key tile at k_start against query tile q_i [B, H, bq, D]: (scores [B, H, bq, bk],
+    bool visibility [B, 1, bq, bk], k_j, v_j [B, H, bk, D])."""
+    k_j = jax.lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
+    v_j = jax.lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
+    seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
+    return s, _tile_mask(seg_q, seg_k, q_start, k_start), k_j, v_j
+
+
 def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles) -> tuple[Array, Array]:
     """q, k, v: f32[B, H, Sp, D] (q already scaled); seg: i32[B, Sp]; lo: i32[NQ].
 
@@ -110,12 +121,8 @@ def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles)
 
         def key_block(j, carry):
             m, l, acc = carry
-            k_start = j * bk
-            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
-            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
-            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
-            s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
-            s = jnp.where(_tile_mask(seg_q, seg_k, q_start, k_start), s, -jnp.inf)
+            s, visible, _, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, j * bk, bk)
+            s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet
             p = jnp.exp(s - m_safe[..., None])
@@ -153,11 +160,7 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
         def key_block(j, carry):
             dq_i, dk, dv = carry
             k_start = j * bk
-            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
-            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
-            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
-            s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
-            visible = _tile_mask(seg_q, seg_k, q_start, k_start)
+            s, visible, k_j, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, k_start, bk)
             p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
             dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
             ds = p * (dp - delta_i[..., None])
