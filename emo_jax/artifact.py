@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from emo_jax.config import Config, ConfigError, _merge, config_from_dict, parse_overrides, to_dict
+from emo_jax.config import Config, ConfigError, config_from_dict, parse_overrides, replace, to_dict
 from emo_jax.console import first_line as _first_line
 from emo_jax.console import warn as _warn
 from emo_jax.interop.hf_common import CONFIG_FILE as HF_CONFIG_FILE
@@ -85,12 +85,6 @@ def boxed_abstract_params(config: Config) -> dict:
         lambda key, tok: model.init({"params": key, "routing": key}, tok, train=False),
         jax.random.PRNGKey(0), tokens)
     return variables["params"]
-
-
-def param_shardings(config: Config, mesh: jax.sharding.Mesh) -> dict:
-    """NamedShardings of the parameters on `mesh` (parallel.rules.LOGICAL_RULES)."""
-    from emo_jax.parallel.rules import param_shardings as from_boxed
-    return from_boxed(boxed_abstract_params(config), mesh)
 
 
 def abstract_params(config: Config, mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -175,7 +169,7 @@ def _apply_overrides(config: Config, overrides: Sequence[str], where: Path) -> C
     if not overrides:
         return config
     try:
-        return config_from_dict(_merge(to_dict(config), parse_overrides(list(overrides))))
+        return replace(config, **parse_overrides(list(overrides)))
     except ConfigError as err:
         raise ArtifactError(f"{where}: {err}") from None
 
@@ -272,6 +266,7 @@ def load(source: str | Path, mesh: jax.sharding.Mesh | str | None = None, overri
         _check_same_shapes(stored, config, src.step_dir or src.path)
         _integrity(src.step_dir if src.kind == "run" else src.path)
         params = _restore_orbax(src, config, mesh)
+    from emo_jax.train.checkpoint import _nonfinite_leaf
     leaf = _nonfinite_leaf(params)
     if leaf is not None:
         raise ArtifactError(f"{src.step_dir or src.path}: the parameters hold NaN/inf values (first in {leaf}).")
@@ -321,13 +316,6 @@ def _check_restored(params: dict, targets: dict, where: Path) -> None:
         if tuple(a.shape) != tuple(b.shape):
             raise ArtifactError(f"{where}: parameter {jax.tree_util.keystr(path)} is {list(a.shape)}, its config "
                                 f"implies {list(b.shape)}.")
-
-
-def _nonfinite_leaf(params: dict) -> str | None:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
-            return jax.tree_util.keystr(path)
-    return None
 
 
 # ----------------------------------------------------------------------------- saving
