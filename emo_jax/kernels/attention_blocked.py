@@ -11,7 +11,7 @@ running output). The key blocks of query block i run from `lo[i]` to `hi(i)`:
          those documents are never visited).
 Inside a visited tile the exact mask (key <= query, same segment) is applied, so the
 result equals the reference for any segment layout (non-contiguous ids only visit
-more tiles). The backward pass is hand-written (custom_vjp): it keeps only q, k, v,
+more tiles). The backward pass is hand-written (custom_vjp): it keeps only q, k, v, the padded segment ids and block starts,
 the output and the log-sum-exp per query, and recomputes each tile's probabilities,
 so memory stays linear in S in both passes.
 
@@ -180,15 +180,17 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
     return jax.lax.fori_loop(0, tiles.n_q, query_block, (zeros, zeros, zeros))
 
 
-def _prepare(q, k, v, segment_ids, block_q, block_k):
-    """[B, S, H, D] inputs -> f32[B, H, Sp, D] (q scaled), padded segments, lo, tiles."""
-    seq, dim = q.shape[1], q.shape[-1]
-    tiles = _Tiles(seq, block_q, block_k)
+def _heads(q, k, v, tiles: _Tiles):
+    """[B, S, H, D] inputs -> f32[B, H, Sp, D] (q scaled by 1/sqrt(D)), and the scale."""
     to_heads = lambda x: _pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return to_heads(q) * scale, to_heads(k), to_heads(v), scale
+
+
+def _segments(segment_ids, tiles: _Tiles):
+    """Padded segment ids i32[B, Sp] and each query block's first key block lo i32[NQ]."""
     seg = _pad_to(segment_ids.astype(jnp.int32), tiles.padded, axis=1, value=_FILL_SEGMENT)
-    scale = 1.0 / math.sqrt(dim)
-    lo = key_block_starts(seg, tiles.block_q, tiles.block_k)
-    return to_heads(q) * scale, to_heads(k), to_heads(v), seg, lo, tiles, scale
+    return seg, key_block_starts(seg, tiles.block_q, tiles.block_k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -205,15 +207,20 @@ def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q:
 
 
 def _blocked_fwd(q, k, v, segment_ids, block_q, block_k):
-    qs, kh, vh, seg, lo, tiles, scale = _prepare(q, k, v, segment_ids, block_q, block_k)
+    tiles = _Tiles(q.shape[1], block_q, block_k)
+    qs, kh, vh, _ = _heads(q, k, v, tiles)
+    seg, lo = _segments(segment_ids, tiles)
     out, lse = _forward(qs, kh, vh, seg, lo, tiles)
     result = jnp.swapaxes(out[:, :, :q.shape[1]], 1, 2).astype(q.dtype)
-    return result, (q, k, v, segment_ids, out, lse)
+    # The padded segments and block starts are kept (small), the head-major copies of
+    # q, k, v are rebuilt in the backward (large).
+    return result, (q, k, v, seg, lo, out, lse)
 
 
 def _blocked_bwd(block_q, block_k, residuals, d_result):
-    q, k, v, segment_ids, out, lse = residuals
-    qs, kh, vh, seg, lo, tiles, scale = _prepare(q, k, v, segment_ids, block_q, block_k)
+    q, k, v, seg, lo, out, lse = residuals
+    tiles = _Tiles(q.shape[1], block_q, block_k)
+    qs, kh, vh, scale = _heads(q, k, v, tiles)
     d_out = _pad_to(jnp.swapaxes(d_result.astype(jnp.float32), 1, 2), tiles.padded, axis=2)
     dq, dk, dv = _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
     back = lambda x, like: jnp.swapaxes(x[:, :, :like.shape[1]], 1, 2).astype(like.dtype)  # noqa: E731
