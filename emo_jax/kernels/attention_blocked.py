@@ -11,8 +11,9 @@ running output). The key blocks of query block i run from `lo[i]` to `hi(i)`:
          those documents are never visited).
 Inside a visited tile the exact mask (key <= query, same segment) is applied, so the
 result equals the reference for any segment layout (non-contiguous ids only visit
-more tiles). The backward pass is hand-written (custom_vjp): it keeps only q, k, v, the padded segment ids and block starts,
-the output and the log-sum-exp per query, and recomputes each tile's probabilities,
+more tiles). The backward pass is hand-written (custom_vjp): it keeps only q, k, v,
+the padded segment ids and block starts, the output and the log-sum-exp per query, and
+recomputes each tile's probabilities,
 so memory stays linear in S in both passes.
 
 The loops slice the sequence axis only; the batch and head axes stay whole inside a
