@@ -31,7 +31,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # Visible to padding-of-the-padding only: the rows added to reach a whole block.
-_FILL_SEGMENT = -1
+FILL_SEGMENT = -1
 
 
 def first_occurrence(segment_ids: Array) -> Array:
@@ -60,7 +60,7 @@ def key_block_starts(segment_ids: Array, block_q: int, block_k: int) -> Array:
     return (per_block // block_k).astype(jnp.int32)
 
 
-def _pad_to(x: Array, length: int, axis: int, value=0) -> Array:
+def pad_to(x: Array, length: int, axis: int, value=0) -> Array:
     extra = length - x.shape[axis]
     if extra == 0:
         return x
@@ -76,7 +76,7 @@ class _Tiles:
         if block_q < 1 or block_k < 1:
             raise ValueError(f"attention block sizes must be positive, got block_q={block_q}, block_k={block_k}.")
         block_q, block_k = min(block_q, seq), min(block_k, seq)  # a short sequence is one tile
-        step = block_q * block_k // math.gcd(block_q, block_k)
+        step = math.lcm(block_q, block_k)
         self.block_q, self.block_k = block_q, block_k
         self.padded = -(-seq // step) * step
         self.n_q = self.padded // block_q
@@ -183,14 +183,14 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
 
 def _heads(q, k, v, tiles: _Tiles):
     """[B, S, H, D] inputs -> f32[B, H, Sp, D] (q scaled by 1/sqrt(D)), and the scale."""
-    to_heads = lambda x: _pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
+    to_heads = lambda x: pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
     scale = 1.0 / math.sqrt(q.shape[-1])
     return to_heads(q) * scale, to_heads(k), to_heads(v), scale
 
 
 def _segments(segment_ids, tiles: _Tiles):
     """Padded segment ids i32[B, Sp] and each query block's first key block lo i32[NQ]."""
-    seg = _pad_to(segment_ids.astype(jnp.int32), tiles.padded, axis=1, value=_FILL_SEGMENT)
+    seg = pad_to(segment_ids.astype(jnp.int32), tiles.padded, axis=1, value=FILL_SEGMENT)
     return seg, key_block_starts(seg, tiles.block_q, tiles.block_k)
 
 
@@ -222,7 +222,7 @@ def _blocked_bwd(block_q, block_k, residuals, d_result):
     q, k, v, seg, lo, out, lse = residuals
     tiles = _Tiles(q.shape[1], block_q, block_k)
     qs, kh, vh, scale = _heads(q, k, v, tiles)
-    d_out = _pad_to(jnp.swapaxes(d_result.astype(jnp.float32), 1, 2), tiles.padded, axis=2)
+    d_out = pad_to(jnp.swapaxes(d_result.astype(jnp.float32), 1, 2), tiles.padded, axis=2)
     dq, dk, dv = _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
     back = lambda x, like: jnp.swapaxes(x[:, :, :like.shape[1]], 1, 2).astype(like.dtype)  # noqa: E731
     return back(dq * scale, q), back(dk, k), back(dv, v), None

@@ -21,23 +21,18 @@ import jax
 import jax.numpy as jnp
 
 from emo_jax import compat
+from emo_jax.kernels.attention_blocked import FILL_SEGMENT, pad_to
 
 Array = jax.Array
-
-_FILL_SEGMENT = -1
-
 
 def _padded_length(seq: int, block: int) -> int:
     return -(-seq // block) * block
 
 
 def _pad_sequence(q, k, v, segment_ids, length: int):
-    extra = length - q.shape[1]
-    if extra == 0:
-        return q, k, v, segment_ids
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    segment_ids = jnp.pad(segment_ids, [(0, 0), (0, extra)], constant_values=_FILL_SEGMENT)
-    return pad(q), pad(k), pad(v), segment_ids
+    """Pads the sequence axis to `length`: zero rows, in a segment of their own."""
+    return (*(pad_to(x, length, axis=1) for x in (q, k, v)),
+            pad_to(segment_ids, length, axis=1, value=FILL_SEGMENT))
 
 
 @functools.cache
@@ -80,7 +75,7 @@ def gpu_flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, block:
     flash = compat.gpu_flash_attention_module()
     seq, dim = q.shape[1], q.shape[3]
     backward_block = min(block, 32)  # jax's default backward tiles (shared memory)
-    length = _padded_length(seq, block * backward_block // math.gcd(block, backward_block))
+    length = _padded_length(seq, math.lcm(block, backward_block))
     q, k, v, segment_ids = _pad_sequence(q, k, v, segment_ids.astype(jnp.int32), length)
     sizes = flash.BlockSizes(block_q=block, block_k=block, block_q_dkv=backward_block,
                              block_kv_dkv=backward_block, block_q_dq=backward_block, block_kv_dq=backward_block)
