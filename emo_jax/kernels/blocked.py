@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from emo_jax import compat
+from emo_jax.kernels.capacity import add_at
 
 Array = jax.Array
 
@@ -99,9 +100,7 @@ def _block_matmul_bwd(res, dy_blocks):
     def accumulate(d_rhs, inputs):
         b, x_blk, dy_blk, e = inputs
         def add(d_rhs):
-            contrib = jnp.dot(x_blk.T, dy_blk, preferred_element_type=jnp.float32)  # [A, B]
-            current = jax.lax.dynamic_index_in_dim(d_rhs, e, axis=0, keepdims=True)
-            return jax.lax.dynamic_update_index_in_dim(d_rhs, current + contrib[None], e, axis=0)
+            return add_at(d_rhs, e, jnp.dot(x_blk.T, dy_blk, preferred_element_type=jnp.float32))  # [A, B]
         return jax.lax.cond(b < used_blocks, add, lambda d: d, d_rhs), None
 
     index = jnp.arange(x_blocks.shape[0], dtype=jnp.int32)
@@ -122,7 +121,6 @@ def grouped_matmul_blocked(lhs: Array, rhs: Array, group_sizes: Array,
     """Same contract as `reference.grouped_matmul`: lhs [M, A], rhs [E, A, B], rows
     grouped by group_sizes i32[E] -> [M, B]; rows past sum(group_sizes) give 0."""
     rows, a = lhs.shape
-    num_experts = rhs.shape[0]
     block_rows = max(1, min(block_rows, rows))
     dest, block_expert, used_blocks = aligned_layout(group_sizes, rows, block_rows)
     n_blocks = block_expert.shape[0]

@@ -6,7 +6,7 @@ dynamic slice and a conditional per block, and `ragged_dot` is lowered densely
 (E times the work). Measured at S2's shapes (M = 32768 rows, D = 256, H = 128,
 E = 64) in `benchmarks/bench_grouped_matmul.py`; numbers in BUILD_NOTES.md.
 
-Layout: the expert-sorted rows (the `reference.dispatch` layout) are scattered into
+Layout: the expert-sorted rows (the `reference.dispatch` layout) are gathered into
 a slab [E, C, D], row i of expert e's group at slot (e, i) for i < C. The capacity
 C = round_up(capacity_factor * M / E, align) is static. The three matmuls of the
 SwiGLU are batched `einsum`s over the slab, so there is no per-block loop at all.
@@ -176,18 +176,24 @@ def slab_swiglu(xs: Array, w_gate: Array, w_up: Array, w_down: Array) -> tuple[A
     return ys, g, u
 
 
+def _swiglu_hidden_grads(dh: Array, g: Array, u: Array) -> tuple[Array, Array, Array]:
+    """float32 cotangents of the gate and up pre-activations from dh = d(silu(g) * u),
+    and silu(g) (for h = silu(g) * u)."""
+    sg = jax.nn.sigmoid(g)
+    silu = g * sg
+    return dh * u * sg * (1 + g * (1 - sg)), dh * silu, silu
+
+
 def slab_swiglu_grads(xs: Array, g: Array, u: Array, dys: Array, w_gate: Array, w_up: Array,
                       w_down: Array) -> tuple[Array, tuple[Array, Array, Array]]:
     """Backward of `slab_swiglu`: five batched matmuls. Returns dxs f32[E, C, D] and the
     weight cotangents f32 (w_gate, w_up, w_down); slots with dys = 0 contribute nothing."""
     f32 = jnp.float32
     g32, u32 = g.astype(f32), u.astype(f32)
-    sg = jax.nn.sigmoid(g32)
-    silu = g32 * sg
-    h = (silu * u32).astype(xs.dtype)
     dh = _bmm(dys, w_down, "ecd,ehd->ech", f32)
-    dg = (dh * u32 * sg * (1 + g32 * (1 - sg))).astype(xs.dtype)
-    du = (dh * silu).astype(xs.dtype)
+    dg, du, silu = _swiglu_hidden_grads(dh, g32, u32)
+    h = (silu * u32).astype(xs.dtype)
+    dg, du = dg.astype(xs.dtype), du.astype(xs.dtype)
     dw_down = _bmm(h, dys, "ech,ecd->ehd", f32)
     dw_gate = _bmm(xs, dg, "ecd,ech->edh", f32)
     dw_up = _bmm(xs, du, "ecd,ech->edh", f32)
@@ -211,11 +217,7 @@ def block_swiglu_grads(x_blk: Array, dy_blk: Array, w_gate_e: Array, w_up_e: Arr
     x_blk, dy_blk = x_blk.astype(f32), dy_blk.astype(f32)
     wg, wu, wd = (w.astype(f32) for w in (w_gate_e, w_up_e, w_down_e))
     g, u = x_blk @ wg, x_blk @ wu
-    sg = jax.nn.sigmoid(g)
-    silu = g * sg
-    dh = dy_blk @ wd.T
-    dg = dh * u * sg * (1 + g * (1 - sg))
-    du = dh * silu
+    dg, du, silu = _swiglu_hidden_grads(dy_blk @ wd.T, g, u)
     dx_blk = dg @ wg.T + du @ wu.T
     return dx_blk, (x_blk.T @ dg, x_blk.T @ du, (silu * u).T @ dy_blk)
 
