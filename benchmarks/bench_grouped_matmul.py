@@ -53,10 +53,9 @@ def routed_ids(kind: str, tokens: int, k: int, e: int, key) -> jax.Array:
     return jnp.argsort(-scores, axis=-1)[:, :k].astype(jnp.int32)
 
 
-def routing(kind: str, tokens: int, k: int, e: int, key) -> jax.Array:
-    """group_sizes i32[E] of T*K copies under the named routing."""
-    ids = routed_ids(kind, tokens, k, e, key)
-    return jnp.bincount(ids.reshape(-1), length=e).astype(jnp.int32)
+def dense_swiglu(x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array) -> jax.Array:
+    """The bar: one [M, D] x [D, H] SwiGLU with expert 0's weights for every row."""
+    return (jax.nn.silu(x @ wg[0]) * (x @ wu[0])) @ wd[0]
 
 
 def _gathered(lhs, rhs, gs, block_rows=128):
@@ -70,7 +69,7 @@ def _gathered(lhs, rhs, gs, block_rows=128):
 def formulations(ragged: bool) -> dict:
     swiglu = lambda mm: functools.partial(reference.grouped_swiglu, matmul=mm)
     rows = {
-        "dense": lambda x, wg, wu, wd, gs: (jax.nn.silu(x @ wg[0]) * (x @ wu[0])) @ wd[0],
+        "dense": lambda x, wg, wu, wd, gs: dense_swiglu(x, wg, wu, wd),
         "capacity cf=1.0": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.0),
         "capacity cf=1.125": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.125),
         "capacity cf=1.25": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.25),
@@ -128,7 +127,7 @@ def token_ffn_table(x, tok, ids, gates, wg, wu, wd, ct, ct_tok, rounds: int) -> 
     """The routed FFN from tokens tok [T, D] (ids, gates [T, K]) against the dense
     SwiGLU over x [M, D]; gradients w.r.t. the input, the gates and the three weights."""
     valid = jnp.ones(tok.shape[0], bool)
-    dense = lambda x, wg, wu, wd: (jax.nn.silu(x @ wg[0]) * (x @ wu[0])) @ wd[0]  # noqa: E731
+    dense = dense_swiglu
     fns = {"dense": (jax.jit(lambda x, tok, g, wg, wu, wd, ct, ctt, ids: dense(x, wg, wu, wd)),
                      jax.jit(jax.value_and_grad(lambda x, tok, g, wg, wu, wd, ct, ctt, ids:
                                                 jnp.sum(dense(x, wg, wu, wd) * ct), argnums=(0, 3, 4, 5))))}

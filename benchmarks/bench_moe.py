@@ -28,7 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from emo_jax import routing
 from emo_jax.compat import use_mesh
 from emo_jax.config import MeshConfig
 from emo_jax.moe import make_moe_layer

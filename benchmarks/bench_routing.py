@@ -23,14 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emo_jax import routing
-
-
-def document_pool_two_argsorts(scores, pool_sizes):
-    """routing.document_pool as it was before issue 16."""
-    scores = jax.lax.stop_gradient(scores)
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)
-    return rank < pool_sizes[..., None]
+from bench_step import document_pool_two_argsorts, swapped_document_pool  # benchmarks/ is on sys.path
 
 
 def document_pool_one_sort(scores, pool_sizes):
@@ -64,15 +57,11 @@ def main() -> None:
         return jax.jit(jax.value_and_grad(f))
 
     fns = {"standard": objective(None), "pool (ranks by counting)": objective(sizes)}
-    saved = routing.document_pool
-    try:
-        for name, pool_fn in (("pool (one sort)", document_pool_one_sort),
-                              ("pool (two argsorts, before)", document_pool_two_argsorts)):
-            routing.document_pool = pool_fn
+    for name, pool_fn in (("pool (one sort)", document_pool_one_sort),
+                          ("pool (two argsorts, before)", document_pool_two_argsorts)):
+        with swapped_document_pool(pool_fn):
             fns[name] = objective(sizes)
             jax.block_until_ready(fns[name](logits))  # traced with this pool function
-    finally:
-        routing.document_pool = saved
     for fn in fns.values():
         jax.block_until_ready(fn(logits))
     times = {name: [] for name in fns}

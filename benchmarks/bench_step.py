@@ -62,17 +62,22 @@ def document_pool_two_argsorts(scores, pool_sizes):
 
 
 @contextlib.contextmanager
-def pool_function(variant: str):
-    """Swaps in the old pool for the variant that measures it (at trace time only)."""
-    if variant != "pool_two_argsorts":
-        yield
-        return
+def swapped_document_pool(pool_fn):
+    """routing.document_pool replaced by `pool_fn` inside the block (models traced there
+    keep it)."""
     saved = routing.document_pool
-    routing.document_pool = document_pool_two_argsorts
+    routing.document_pool = pool_fn
     try:
         yield
     finally:
         routing.document_pool = saved
+
+
+def pool_function(variant: str):
+    """Swaps in the old pool for the variant that measures it (at trace time only)."""
+    if variant != "pool_two_argsorts":
+        return contextlib.nullcontext()
+    return swapped_document_pool(document_pool_two_argsorts)
 
 
 def build(variant: str, shape: tuple[str, ...], steps: int):

@@ -117,7 +117,7 @@ def torch_peak(torch, n: int = 2048, repeats: int = 5) -> float:
 class EmoRows:
     """The emo_jax rows of one shape: jitted train step, forward, generation."""
 
-    def __init__(self, shape: str, args, params=None):
+    def __init__(self, shape: str, args):
         self.config = emo_config(shape, pooled=False, extra_positions=args.prompt_len + args.new_tokens)
         self.pooled = emo_config(shape, pooled=True, extra_positions=args.prompt_len + args.new_tokens)
         self.whole, self.packed = batches(shape)
