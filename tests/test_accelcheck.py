@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from emo_jax.accelcheck import flops, report, runner
+from emo_jax.train.metrics import peak_for
 
 sys.path.insert(0, os.path.dirname(__file__))
 from accelcheck_helpers import assert_sections_ok, run_tiny  # noqa: E402
@@ -44,8 +45,8 @@ def test_flop_formulas_by_hand():
     assert flops.visible_pairs(np.array([[1, 1, 2, 2, 2, 0]])) == 10
     assert flops.mfu(1e12, 2.0, 1e12) == 0.5
     assert flops.mfu(1e12, 2.0, None) is None
-    assert flops.lookup_peak("NVIDIA H200", flops.FP32_PEAK_FLOPS) == 67e12
-    assert flops.lookup_peak("cpu", flops.FP32_PEAK_FLOPS) is None
+    assert peak_for("NVIDIA H200", flops.FP32_PEAK_FLOPS) == 67e12
+    assert peak_for("cpu", flops.FP32_PEAK_FLOPS) is None
 
 
 def test_train_step_flops_match_the_formula_by_hand():

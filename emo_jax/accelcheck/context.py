@@ -15,6 +15,7 @@ import jax
 from emo_jax import kernels
 from emo_jax.accelcheck.shapes import Shapes
 from emo_jax.kernels import pallas
+from emo_jax.kernels.attention import attention_for
 from emo_jax.kernels.reference import MoEBackend
 
 
@@ -58,7 +59,5 @@ def _flash(q, k, v, segment_ids, *, block, interpret, module):
 
 
 def blocked_attention(ctx: Context):
-    from emo_jax.kernels.attention_blocked import blocked_attention as fn
-
-    b = ctx.shapes.attention_block
-    return lambda q, k, v, s: fn(q, k, v, s, b, b)
+    """The pure-JAX blocked attention with the check's tile size, (q, k, v, seg) -> out."""
+    return attention_for("blocked", ctx.shapes.attention_block)

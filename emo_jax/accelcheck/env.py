@@ -56,12 +56,12 @@ def measure_matmul_peak(n: int, dtype, repeats: int) -> float:
 
 def peaks(device_kind: str, n: int, repeats: int) -> dict:
     """{"bf16": {"datasheet", "measured"}, "fp32": {...}} in FLOP/s."""
-    from emo_jax.train.metrics import PEAK_FLOPS
+    from emo_jax.train.metrics import peak_for
 
     return {
-        "bf16": {"datasheet": flops_lib.lookup_peak(device_kind, PEAK_FLOPS),
+        "bf16": {"datasheet": peak_for(device_kind),
                  "measured": measure_matmul_peak(n, jnp.bfloat16, repeats)},
-        "fp32": {"datasheet": flops_lib.lookup_peak(device_kind, flops_lib.FP32_PEAK_FLOPS),
+        "fp32": {"datasheet": peak_for(device_kind, flops_lib.FP32_PEAK_FLOPS),
                  "measured": measure_matmul_peak(n, jnp.float32, repeats)},
     }
 

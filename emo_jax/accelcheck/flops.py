@@ -21,17 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 # Dense float32 (no tensor cores, no TF32) peak FLOP/s per device, vendor datasheets. The
-# bf16 figures are emo_jax.train.metrics.PEAK_FLOPS.
+# bf16 figures are emo_jax.train.metrics.PEAK_FLOPS; both are read with metrics.peak_for.
 FP32_PEAK_FLOPS = {"h100": 67e12, "h200": 67e12, "a100": 19.5e12, "b200": 80e12}
-
-
-def lookup_peak(device_kind: str, table: dict[str, float]) -> float | None:
-    """The table entry whose name occurs in `device_kind` (longest name first), or None."""
-    kind = device_kind.lower()
-    for name, flops in sorted(table.items(), key=lambda kv: -len(kv[0])):
-        if name in kind:
-            return flops
-    return None
 
 
 def grouped_matmul(rows: int, a: int, b: int) -> float:

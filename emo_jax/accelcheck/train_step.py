@@ -36,7 +36,7 @@ VARIANTS = ("pallas", "capacity", "reference")  # MoE backends, in the order the
 
 
 def step_config(s: Shapes) -> Config:
-    """tiny-config defaults overridden with the check's shape (see the module docstring)."""
+    """The Config dataclass defaults overridden with the check's shape (see the module docstring)."""
     k_r = s.top_k - 1
     overrides = [
         f"model.vocab_size={s.vocab}", f"model.d_model={s.d_model}", f"model.n_layers={s.layers}",

@@ -42,12 +42,17 @@ def active_matmul_params(config: Config) -> int:
     return counts.active_non_embedding + head
 
 
-def peak_flops_per_device() -> float | None:
-    kind = jax.devices()[0].device_kind.lower()
-    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+def peak_for(device_kind: str, table: dict[str, float] = PEAK_FLOPS) -> float | None:
+    """The table entry whose name occurs in `device_kind` (longest name first), or None."""
+    kind = device_kind.lower()
+    for name, flops in sorted(table.items(), key=lambda kv: -len(kv[0])):
         if name in kind:
             return flops
     return None
+
+
+def peak_flops_per_device() -> float | None:
+    return peak_for(jax.devices()[0].device_kind)
 
 
 def to_python(metrics: dict) -> dict[str, Any]:
