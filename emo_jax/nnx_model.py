@@ -53,9 +53,11 @@ class EmoLM(nnx.Module):
                 raise ValueError("EmoLM needs rngs=nnx.Rngs(params=SEED) to initialise, or params=TREE.")
             key = rngs.params()
             tokens = jnp.zeros((1, min(8, config.model.max_seq_len)), jnp.int32)
-            params = nn.meta.unbox(build_model(config).init({"params": key, "routing": key}, tokens,
-                                                            train=False)["params"])
-        specs = nn.get_partition_spec(artifact.boxed_abstract_params(config))
+            boxed = build_model(config).init({"params": key, "routing": key}, tokens, train=False)["params"]
+            params = nn.meta.unbox(boxed)
+        else:
+            boxed = artifact.boxed_abstract_params(config)  # only the logical axes are read
+        specs = nn.get_partition_spec(boxed)
         self.config = config  # static: a frozen, hashable dataclass
         self.params = nnx_data(jax.tree.map(lambda p, spec: nnx.Param(p, logical_axes=tuple(spec)), params, specs))
 
