@@ -178,10 +178,7 @@ def _check_same_shapes(stored: Config, config: Config, where: Path) -> None:
     """Overrides may change anything but the parameter shapes (those are fixed by the file)."""
     if stored.model == config.model:
         return
-    old, new = abstract_params(stored), abstract_params(config)
-    same = jax.tree.structure(old) == jax.tree.structure(new) and all(
-        a.shape == b.shape for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
-    if not same:
+    if _shape_mismatch(abstract_params(stored), abstract_params(config)) is not None:
         old_model = to_dict(stored)["model"]
         keys = ", ".join(f"model.{k}" for k, v in to_dict(config)["model"].items() if old_model[k] != v)
         raise ArtifactError(f"{where}: the override of {keys} changes the parameter shapes stored there; "
@@ -308,14 +305,24 @@ def _restore_orbax(src: Source, config: Config, mesh) -> dict:
     return params
 
 
-def _check_restored(params: dict, targets: dict, where: Path) -> None:
-    got = jax.tree.structure(params)
-    if got != jax.tree.structure(targets):
-        raise ArtifactError(f"{where}: its parameter tree differs from the one its config describes.")
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(targets)):
+def _shape_mismatch(got: dict, want: dict) -> tuple[str, list, list] | str | None:
+    """None when the two trees have the same structure and leaf shapes; "tree" when the
+    structures differ; else (path, got shape, wanted shape) of the first leaf that differs."""
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        return "tree"
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         if tuple(a.shape) != tuple(b.shape):
-            raise ArtifactError(f"{where}: parameter {jax.tree_util.keystr(path)} is {list(a.shape)}, its config "
-                                f"implies {list(b.shape)}.")
+            return jax.tree_util.keystr(path), list(a.shape), list(b.shape)
+    return None
+
+
+def _check_restored(params: dict, targets: dict, where: Path) -> None:
+    mismatch = _shape_mismatch(params, targets)
+    if mismatch == "tree":
+        raise ArtifactError(f"{where}: its parameter tree differs from the one its config describes.")
+    if mismatch is not None:
+        path, got, want = mismatch
+        raise ArtifactError(f"{where}: parameter {path} is {got}, its config implies {want}.")
 
 
 # ----------------------------------------------------------------------------- saving
@@ -336,8 +343,7 @@ def save(directory: str | Path, config: Config, params: dict) -> Path:
                             "directory or delete it.")
     params = nn.meta.unbox(params)
     expected = abstract_params(config)
-    if jax.tree.structure(params) != jax.tree.structure(expected) or any(
-            tuple(a.shape) != tuple(b.shape) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
+    if _shape_mismatch(params, expected) is not None:
         raise ArtifactError(f"{directory}: the parameters do not have the shapes of config '{config.name}' "
                             "(model section); save them with the config they were made with.")
     partial = directory.parent / f".{directory.name}.partial"  # the same name on every host
