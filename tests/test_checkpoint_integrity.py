@@ -167,6 +167,28 @@ def test_empty_ocdbt_manifest_of_an_old_checkpoint_exits_with_one_line(six_steps
     assert lines[-1].startswith("emo-jax train: no usable checkpoint") and "checkpoints/6:" in lines[-1]
 
 
+def test_coroutines_orbax_left_unawaited_do_not_print_at_exit():
+    """When one read of orbax's gather fails, the coroutines made for the others are never
+    awaited and Python warned about each at exit, after the one-line error (seen on CI; timing
+    dependent, so the situation is built directly: a coroutine defined in a file under an
+    `orbax/` directory, created, never started, still referenced when the interpreter exits)."""
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "store.py")
+    script = (
+        "import sys\n"
+        "from emo_jax.train import checkpoint\n"
+        "checkpoint._filter_event_loop_noise()\n"
+        "source = 'class Store:\\n    async def _get_array_metadatas(self):\\n        raise SystemExit(3)\\n'\n"
+        f"exec(compile(source, {orbax_file!r}, 'exec'))\n"
+        "left = [Store()._get_array_metadatas()]\n"
+        "sys.stderr.write('emo-jax train: the one line\\n')\n"
+        "sys.exit(1)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["emo-jax train: the one line"], result.stderr
+
+
 def test_resume_with_another_dataset_starts_its_data_afresh(six_steps, tmp_path, capsys):
     """The data section may change between runs; a saved iterator position of another
     data set used to be fed to the new one (KeyError: 'index' for synthetic)."""

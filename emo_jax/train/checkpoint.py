@@ -15,15 +15,19 @@ position belongs to its own shard of the documents, and shards change with the c
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
+import gc
 import hashlib
+import inspect
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +134,31 @@ def _nonfinite_leaf(state: Any) -> str | None:
 _event_loop_noise_filtered = False
 
 
+def _close_unstarted_orbax_coroutines() -> None:
+    """At exit, closes the coroutines orbax created but never started.
+
+    When one read of an orbax gather fails, the coroutines made for the other reads are never
+    awaited, and the interpreter warns about each one while it tears down ("sys:1: RuntimeWarning:
+    coroutine 'Store._get_array_metadatas' was never awaited", after the one-line error; whether
+    it does depends on timing). A warnings filter did not stop it once jax was imported (tried: the
+    teardown warning no longer consults the list `warnings.filterwarnings` adds to). Closing a
+    coroutine that never started runs none of its code."""
+    marker = f"{os.sep}orbax{os.sep}"
+    for obj in gc.get_objects():
+        # `type(...) is`, not isinstance: isinstance reads __class__, which some module proxies
+        # (torch's deprecated names) answer with a warning.
+        if (type(obj) is types.CoroutineType and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED
+                and marker in obj.cr_code.co_filename):
+            obj.close()
+
+
 def _filter_event_loop_noise() -> None:
     """After orbax fails to read or write a checkpoint, tensorstore still completes the
     operations it had started and calls back into orbax's closed asyncio loop: every
     callback raises 'Event loop is closed' into sys.unraisablehook, and asyncio logs
     '(_Gathering)Future exception was never retrieved' (dozens of tracebacks after the real, one-line
-    error). Those, and only those, are dropped; installed when a Checkpointer is made."""
+    error). Those, and only those, are dropped; installed when a Checkpointer is made. So are the
+    warnings about the coroutines orbax made but never started (`_close_unstarted_orbax_coroutines`)."""
     global _event_loop_noise_filtered
     if _event_loop_noise_filtered:
         return
@@ -147,6 +170,7 @@ def _filter_event_loop_noise() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
+    atexit.register(_close_unstarted_orbax_coroutines)
     logging.getLogger("asyncio").addFilter(
         lambda record: "exception was never retrieved" not in str(record.msg))
     _event_loop_noise_filtered = True
