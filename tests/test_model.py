@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import segment_positions_np, tiny_config  # noqa: E402
 
 from emo_jax.model import build_model  # noqa: E402
-from emo_jax.model.layers import rope, segment_positions  # noqa: E402
+from emo_jax.model.layers import project, rope, segment_positions  # noqa: E402
 
 B, S = 2, 24
 BASE = ("data.seq_len=24", "model.max_seq_len=32")
@@ -156,6 +156,29 @@ def test_rope_matches_numpy(theta):
     np.testing.assert_allclose(got, rope_np(x, small, theta), atol=2e-5, rtol=0)
     assert np.abs(got - x).max() > 0.1  # it does rotate
     assert rope(jnp.asarray(x, jnp.bfloat16), jnp.asarray(small), theta).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,contract", [
+    ("bsd,dv->bsv", (2, 5, 6), (6, 7), 1),
+    ("bsd,dhk->bshk", (2, 5, 6), (6, 3, 4), 1),
+    ("bshk,hkd->bsd", (2, 5, 3, 4), (3, 4, 6), 2),
+])
+def test_project_equals_the_einsum_forward_and_gradients(spec, x_shape, w_shape, contract):
+    """The attention projections and the LM head use `project` (one 2-D matmul) instead of
+    the batched einsum; the product and both gradients are the einsum's."""
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    cot = jax.random.normal(kc, jnp.einsum(spec, x, w).shape)
+    np.testing.assert_allclose(project(x, w, contract), jnp.einsum(spec, x, w), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda x, w: jnp.sum(project(x, w, contract) * cot), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * cot), argnums=(0, 1))(x, w)
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_project_names_dims_that_do_not_match():
+    with pytest.raises(ValueError, match=r"do not share 2 contracted dims"):
+        project(jnp.zeros((2, 3, 4, 5)), jnp.zeros((4, 6, 7)), contract=2)
 
 
 def test_model_uses_relative_positions():

@@ -9,7 +9,7 @@ import flax.linen as nn
 from emo_jax.config import ModelConfig
 from emo_jax.kernels.attention import AttentionFn, reference_attention
 from emo_jax.model import kv_cache
-from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, rope
+from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, project, rope
 
 Array = jax.Array
 
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         qkv_axes = ("embed", "heads", "head_dim")
         x = x.astype(dtype)
         q, k, v = (
-            jnp.einsum("bsd,dhk->bshk", x, param_with_axes(self, name, init, qkv_shape, pdtype, qkv_axes).astype(dtype))
+            project(x, param_with_axes(self, name, init, qkv_shape, pdtype, qkv_axes).astype(dtype))
             for name in ("q_proj", "k_proj", "v_proj"))
         if cfg.qk_norm:
             # OLMoE normalises the whole projected width, not each head separately.
@@ -48,4 +48,4 @@ class Attention(nn.Module):
             out = self.attention_fn(q, k, v, segment_ids)
         w_o = param_with_axes(self, "o_proj", init, (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype,
                               ("heads", "head_dim", "embed"))
-        return jnp.einsum("bshk,hkd->bsd", out, w_o.astype(dtype))
+        return project(out, w_o.astype(dtype), contract=2)

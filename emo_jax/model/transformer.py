@@ -10,7 +10,7 @@ from emo_jax import inputs, routing
 from emo_jax.config import Config, ModelConfig, RoutingConfig
 from emo_jax.kernels.attention import AttentionFn, attention_for, reference_attention
 from emo_jax.model.attention import Attention
-from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, segment_positions
+from emo_jax.model.layers import RMSNorm, dense_init, param_with_axes, project, segment_positions
 from emo_jax.model.moe_block import MoEBlock
 from emo_jax.moe import MoELayerFn, make_moe_layer, moe_layer
 
@@ -89,11 +89,11 @@ class EmoTransformer(nn.Module):
             layer_stats.append(stats)
         x = RMSNorm(cfg.norm_eps, ("norm",), pdtype, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(dtype))
+            logits = project(x, embedding.astype(dtype).T)
         else:
             head = param_with_axes(self, "lm_head", init, (cfg.d_model, cfg.vocab_size), pdtype,
                                    ("embed", "vocab"))
-            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dtype))
+            logits = project(x, head.astype(dtype))
         return logits, stack_layer_stats(layer_stats)
 
 
