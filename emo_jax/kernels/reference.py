@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 GroupedMatmul = Callable[[Array, Array, Array], Array]  # (lhs [M, A], rhs [E, A, B], sizes i32[E]) -> [M, B]
@@ -76,6 +77,32 @@ def grouped_swiglu(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array,
     return matmul(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
+@jax.custom_vjp
+def unsort_rows(y_sorted: Array, order: Array, inverse: Array) -> Array:
+    """y_sorted[inverse]: rows back in copy order (`order` a permutation, `inverse` its
+    inverse). Forward and backward are both row gathers (the transpose of a permutation is
+    its inverse), where `zeros.at[order].set(...)` is a scatter and a gather's autodiff
+    transpose a scatter-add; XLA:CPU gathers rows faster (at S2: 5.3 vs 7.8 ms per layer)."""
+    return y_sorted[inverse]
+
+
+def _unsort_rows_fwd(y_sorted, order, inverse):
+    return y_sorted[inverse], (order, inverse)
+
+
+def _unsort_rows_bwd(residuals, d_y):
+    order, inverse = residuals
+    return d_y[order], np.zeros(order.shape, jax.dtypes.float0), np.zeros(inverse.shape, jax.dtypes.float0)
+
+
+unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
+
+
+def inverse_permutation(order: Array) -> Array:
+    """i32[M] permutation -> its inverse (one scatter of M integers)."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+
+
 def combine(y_sorted: Array, order: Array, valid_sorted: Array, gates: Array) -> Array:
     """Unsorts the expert outputs and sums each token's K copies weighted by its gates.
 
@@ -84,7 +111,7 @@ def combine(y_sorted: Array, order: Array, valid_sorted: Array, gates: Array) ->
     """
     tokens, k = gates.shape
     y_sorted = jnp.where(valid_sorted[:, None], y_sorted, 0)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    y = unsort_rows(y_sorted, order, inverse_permutation(order))
     y = y.reshape(tokens, k, -1).astype(jnp.float32)
     return jnp.einsum("tkd,tk->td", y, gates.astype(jnp.float32)).astype(y_sorted.dtype)
 
