@@ -11,8 +11,9 @@ free and allocate again, and the ratios then measure the allocator (BUILD_NOTES.
 
 Needs the `interop` extra (torch, transformers). One process; every measured row is
 compiled and warmed up first (jit / torch.compile time excluded), then the rounds
-alternate between the rows (each round times one call of every row, in a rotating
-order) and the tables show medians. Before timing, the emo_jax weights are exported to
+alternate between the rows (in a rotating order; in each round every row makes one
+untimed call, then --repeats timed calls, so that no row is timed on the first call
+after another framework ran) and the tables show the medians of all timed calls. Before timing, the emo_jax weights are exported to
 the HF OLMoE layout (emo_jax/interop), loaded into transformers, and the logits of
 both are compared (the run stops if they differ by more than 1e-3).
 
@@ -250,14 +251,15 @@ def run_shape(shape: str, args, torch, transformers, peaks: dict) -> None:
     order = list(times)
     for r in range(args.rounds):
         for key in order[r % len(order):] + order[:r % len(order)]:
-            times[key].append(time_call(rows[key[0]][key[1]]))
+            rows[key[0]][key[1]]()  # untimed: the first call after switching rows
+            times[key] += [time_call(rows[key[0]][key[1]]) for _ in range(args.repeats)]
     tokens = {"train": batch * seq, "forward": batch * seq, "generate": batch * args.new_tokens}
     flops = flops_per_token(emo.config, active_matmul_params(emo.config))
     flops_of = {"train": flops, "forward": flops / 3, "generate": None}
     rate = {key: tokens[key[1]] / statistics.median(v) for key, v in times.items()}
     ref = lambda task: rate.get((("torch", "eager"), task))
     print(f"\n{'row':22s} {'task':9s} {'tokens/s':>10s} {'vs torch eager':>15s} {'share of peak':>14s}  (median of "
-          f"{args.rounds} rounds)")
+          f"{args.rounds} rounds x {args.repeats} calls)")
     for (row, task), value in rate.items():
         peak = peaks["jax" if row[0] == "emo_jax" else "torch"]
         share = f"{flops_of[task] * value / peak:13.1%}" if flops_of[task] else f"{'-':>13s}"
@@ -269,6 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["S1", "S2"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each row per round")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes of compiling)")
