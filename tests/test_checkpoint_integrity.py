@@ -189,6 +189,43 @@ def test_coroutines_orbax_left_unawaited_do_not_print_at_exit():
     assert result.stderr.strip().splitlines() == ["emo-jax train: the one line"], result.stderr
 
 
+def test_orbax_reads_abandoned_by_a_failed_restore_do_not_print_when_collected():
+    """A read orbax had in flight when a restore failed is a suspended coroutine; when it is
+    collected, closing it raises orbax's 'Encountered error while reading array index' into
+    sys.unraisablehook (a traceback on stderr long after the one-line error). Built directly:
+    a coroutine defined under `orbax/`, started, suspended, then dropped."""
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "serialization.py")
+    source = ("class _Suspend:\n"
+              "    def __await__(self):\n"
+              "        yield\n"
+              "async def _read_array_index_and_device_put():\n"
+              "    try:\n"
+              "        await _Suspend()\n"
+              "    except BaseException as err:\n"
+              "        raise Exception('Encountered error while reading array index') from err\n")
+    script = (
+        "import gc, sys\n"
+        "from emo_jax.train import checkpoint\n"
+        "checkpoint._filter_event_loop_noise()\n"
+        f"exec(compile({source!r}, {orbax_file!r}, 'exec'))\n"
+        "read = _read_array_index_and_device_put()\n"
+        "read.send(None)\n"
+        "del read\n"
+        "gc.collect()\n"
+        "class Mine:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('not orbax: still reported')\n"
+        "mine = Mine()\n"
+        "del mine\n"
+        "sys.stderr.write('done\\n')\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Encountered error" not in result.stderr, result.stderr
+    assert "not orbax: still reported" in result.stderr and result.stderr.strip().endswith("done")
+
+
 def test_resume_with_another_dataset_starts_its_data_afresh(six_steps, tmp_path, capsys):
     """The data section may change between runs; a saved iterator position of another
     data set used to be fed to the new one (KeyError: 'index' for synthetic)."""

@@ -134,6 +134,12 @@ def _nonfinite_leaf(state: Any) -> str | None:
 _event_loop_noise_filtered = False
 
 
+def _is_orbax_coroutine(obj: Any) -> bool:
+    # `type(...) is`, not isinstance: isinstance reads __class__, which some module proxies
+    # (torch's deprecated names) answer with a warning.
+    return type(obj) is types.CoroutineType and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename
+
+
 def _close_unstarted_orbax_coroutines() -> None:
     """At exit, closes the coroutines orbax created but never started.
 
@@ -143,12 +149,8 @@ def _close_unstarted_orbax_coroutines() -> None:
     it does depends on timing). A warnings filter did not stop it once jax was imported (tried: the
     teardown warning no longer consults the list `warnings.filterwarnings` adds to). Closing a
     coroutine that never started runs none of its code."""
-    marker = f"{os.sep}orbax{os.sep}"
     for obj in gc.get_objects():
-        # `type(...) is`, not isinstance: isinstance reads __class__, which some module proxies
-        # (torch's deprecated names) answer with a warning.
-        if (type(obj) is types.CoroutineType and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED
-                and marker in obj.cr_code.co_filename):
+        if _is_orbax_coroutine(obj) and inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
             obj.close()
 
 
@@ -157,7 +159,9 @@ def _filter_event_loop_noise() -> None:
     operations it had started and calls back into orbax's closed asyncio loop: every
     callback raises 'Event loop is closed' into sys.unraisablehook, and asyncio logs
     '(_Gathering)Future exception was never retrieved' (dozens of tracebacks after the real, one-line
-    error). Those, and only those, are dropped; installed when a Checkpointer is made. So are the
+    error). The reads orbax had in flight are abandoned: when such a coroutine is collected,
+    closing it raises orbax's "Encountered error while reading array index" into the same hook.
+    Those, and only those, are dropped; installed when a Checkpointer is made. So are the
     warnings about the coroutines orbax made but never started (`_close_unstarted_orbax_coroutines`)."""
     global _event_loop_noise_filtered
     if _event_loop_noise_filtered:
@@ -167,6 +171,8 @@ def _filter_event_loop_noise() -> None:
     def hook(unraisable):
         if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
             return
+        if _is_orbax_coroutine(unraisable.object):
+            return  # a read abandoned with the failed restore, closed when collected (see above)
         previous(unraisable)
 
     sys.unraisablehook = hook
