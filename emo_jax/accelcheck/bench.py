@@ -31,7 +31,7 @@ from emo_jax import routing
 from emo_jax.accelcheck import flops as flops_lib
 from emo_jax.accelcheck import problems
 from emo_jax.accelcheck.context import Context, blocked_attention, flash_attention, moe_backend, moe_kernel_set
-from emo_jax.accelcheck.correctness import TOL, rel_err
+from emo_jax.accelcheck.correctness import TOL, check, rel_err
 from emo_jax.accelcheck.report import SLOW_RECORD, SectionLog
 from emo_jax.accelcheck.timing import bench_record, slow_reason, time_call
 from emo_jax.kernels import layout as layout_lib
@@ -244,10 +244,8 @@ def moe_layer(ctx: Context, log: SectionLog) -> None:
                 continue
             for label, got, want in (("output", y, first[1]), ("d_x", grads[0], first[2][0]),
                                      ("d_w_gate", grads[2], first[2][2]), ("d_w_down", grads[4], first[2][4])):
-                err = rel_err(got, want)
-                log.add({"kind": "check", "name": f"MoE layer {label}: {name} vs {first[0]}",
-                         "passed": bool(np.isfinite(err) and err <= TOL["bfloat16"]), "rel_err": err,
-                         "tol": TOL["bfloat16"], "detail": "bf16, full shape"})
+                check(log, f"MoE layer {label}: {name} vs {first[0]}", rel_err(got, want), TOL["bfloat16"],
+                      "bf16, full shape")
         except Exception as err:  # noqa: BLE001
             log.error(f"MoE layer fwd+bwd [{name}]", err)
 

@@ -55,7 +55,8 @@ def rel_err(actual, expected, mask=None) -> float:
     return float(np.max(np.abs(a - b))) / scale
 
 
-def _check(log: SectionLog, name: str, err: float, tol: float, detail: str = "") -> bool:
+def check(log: SectionLog, name: str, err: float, tol: float, detail: str = "") -> bool:
+    """Logs a `check` record: passed when err is finite and <= tol."""
     passed = bool(np.isfinite(err) and err <= tol)
     log.add({"kind": "check", "name": name, "passed": passed, "rel_err": err, "tol": tol, "detail": detail})
     return passed
@@ -93,18 +94,18 @@ def check_moe(ctx: Context, log: SectionLog, label: str, case: problems.MoECase,
     t, k = case.ids.shape
     e, d, h = case.w_gate.shape
     shape = f"T={t} K={k} E={e} D={d} H={h} {jnp.dtype(dtype).name} (reference {jnp.dtype(ref_dtype).name})"
-    _check(log, f"moe_ffn {label}: output", rel_err(y, ref_y, valid), tol, f"{shape}; first call {kernel_s:.1f} s")
+    check(log, f"moe_ffn {label}: output", rel_err(y, ref_y, valid), tol, f"{shape}; first call {kernel_s:.1f} s")
     cancel = float(jnp.sum(jnp.abs(jnp.where(valid[:, None], ref_y, 0).astype(jnp.float32)
                                    * rounded.cot.astype(jnp.float32))))
     loss_err = abs(float(loss) - float(ref_loss)) / max(cancel, 1e-30) if np.isfinite(float(loss)) else float("inf")
-    _check(log, f"moe_ffn {label}: loss", loss_err, tol, "|diff| / sum |y * cot|")
+    check(log, f"moe_ffn {label}: loss", loss_err, tol, "|diff| / sum |y * cot|")
     for name, g, rg in zip(GRAD_NAMES, grads, ref_grads):
         rows = valid if name in ("d_x", "d_gates") else None
-        _check(log, f"moe_ffn {label}: {name}", rel_err(g, rg, rows), tol)
+        check(log, f"moe_ffn {label}: {name}", rel_err(g, rg, rows), tol)
     pad_rows = np.asarray(jnp.asarray(y, jnp.float32))[~valid]
-    _check(log, f"moe_ffn {label}: padding outputs exactly 0", float(np.max(np.abs(pad_rows), initial=0.0)), 0.0)
+    check(log, f"moe_ffn {label}: padding outputs exactly 0", float(np.max(np.abs(pad_rows), initial=0.0)), 0.0)
     empty = max(float(jnp.max(jnp.abs(g[problems.EMPTY_EXPERT].astype(jnp.float32)))) for g in grads[2:])
-    _check(log, f"moe_ffn {label}: gradients of the expert without tokens exactly 0", empty, 0.0)
+    check(log, f"moe_ffn {label}: gradients of the expert without tokens exactly 0", empty, 0.0)
 
 
 def check_contracts(ctx: Context, log: SectionLog, t: int, k: int, e: int, d: int, h: int) -> None:
@@ -125,11 +126,11 @@ def check_contracts(ctx: Context, log: SectionLog, t: int, k: int, e: int, d: in
     with jax.default_matmul_precision("highest"):
         (ref_val, ref_y_sorted), ref_grads = run(moe_backend(ctx, "reference"))
     tol = TOL["float32"]
-    _check(log, "contracts: grouped_matmul rows (0 past sum(group_sizes))", rel_err(y_sorted, ref_y_sorted), tol,
+    check(log, "contracts: grouped_matmul rows (0 past sum(group_sizes))", rel_err(y_sorted, ref_y_sorted), tol,
            f"T={t} K={k} E={e} D={d} H={h} float32")
-    _check(log, "contracts: loss", rel_err(val, ref_val), tol)
+    check(log, "contracts: loss", rel_err(val, ref_val), tol)
     for name, g, rg in zip(("d_x", "d_gates", "d_w"), grads, ref_grads):
-        _check(log, f"contracts: {name}", rel_err(g, rg), tol)
+        check(log, f"contracts: {name}", rel_err(g, rg), tol)
 
 
 def check_attention(ctx: Context, log: SectionLog, label: str, b: int, s: int, nh: int, hd: int, dtype) -> None:
@@ -157,9 +158,9 @@ def check_attention(ctx: Context, log: SectionLog, label: str, b: int, s: int, n
     tol = TOL[jnp.dtype(dtype).name]
     detail = f"B={b} S={s} NH={nh} HD={hd} {jnp.dtype(dtype).name}, {int(seg.max())} documents max/row, padding; " \
              f"first call {kernel_s:.1f} s"
-    _check(log, f"flash attention {label}: output", rel_err(out, ref_out), tol, detail)
+    check(log, f"flash attention {label}: output", rel_err(out, ref_out), tol, detail)
     for name, g, rg in zip(("d_q", "d_k", "d_v"), grads, ref_grads):
-        _check(log, f"flash attention {label}: {name}", rel_err(g, rg), tol)
+        check(log, f"flash attention {label}: {name}", rel_err(g, rg), tol)
 
 
 def run(ctx: Context, log: SectionLog) -> None:

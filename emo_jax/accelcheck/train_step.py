@@ -14,7 +14,6 @@ The loss must come out finite (a check).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable, NamedTuple
 
@@ -22,9 +21,10 @@ import jax
 import numpy as np
 
 from emo_jax.accelcheck.context import Context, flash_attention, moe_backend
+from emo_jax.accelcheck.correctness import check
 from emo_jax.accelcheck.report import SectionLog
 from emo_jax.accelcheck.shapes import Shapes
-from emo_jax.accelcheck.timing import ROW_CAP_S, bench_record
+from emo_jax.accelcheck.timing import bench_record, time_call
 from emo_jax.config import Config, config_from_dict, parse_overrides
 from emo_jax.model.transformer import EmoTransformer
 from emo_jax.moe import make_moe_layer
@@ -94,25 +94,22 @@ def run(ctx: Context, log: SectionLog, variant: str) -> None:
     log.info("init seconds (compile + run)", round(time.perf_counter() - start, 2))
     batches = [jax.device_put(b) for b in synthetic_batches(s, 2)]
 
-    start = time.perf_counter()
-    state, metrics = step(state, batches[0], jax.random.PRNGKey(1))
-    loss = float(jax.block_until_ready(metrics["loss"]))
-    first = time.perf_counter() - start
-    times: list[float] = []
-    for i in range(max(s.repeats, 1)):
-        start = time.perf_counter()
-        state, metrics = step(state, batches[(i + 1) % 2], jax.random.PRNGKey(2 + i))
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - start)
-        if sum(times) > ROW_CAP_S:
-            break
-    last = float(metrics["loss"])
+    metrics_of_calls: list[dict] = []
+
+    def advance():  # call n: batch n % 2, key n + 1; the donated state moves on with every call
+        nonlocal state
+        n = len(metrics_of_calls)
+        state, metrics = step(state, batches[n % 2], jax.random.PRNGKey(1 + n))
+        metrics_of_calls.append(metrics)
+        return metrics["loss"]
+
+    timed = time_call(advance, (), s.repeats, guard=False)
+    loss, last = (float(metrics_of_calls[i]["loss"]) for i in (0, -1))
     finite = bool(np.isfinite(loss) and np.isfinite(last))
-    log.add({"kind": "check", "name": f"train step [{variant}]: loss finite", "passed": finite,
-             "rel_err": 0.0 if finite else float("inf"), "tol": 0.0,
-             "detail": f"first loss {loss:.4f}, last {last:.4f}"})
-    sec = statistics.median(times)
-    timed = {"seconds": sec, "first_s": first, "calls": len(times)}
+    check(log, f"train step [{variant}]: loss finite", 0.0 if finite else float("inf"), 0.0,
+          f"first loss {loss:.4f}, last {last:.4f}")
+    sec = timed["seconds"]
+    metrics = metrics_of_calls[-1]
     log.add(bench_record(ctx, "train step", variant, timed, flops=flops,
                          note=f"{tokens / sec:,.0f} tokens/s, grad norm {float(metrics['grad_norm']):.3g}",
                          tokens_per_s=tokens / sec))
