@@ -167,24 +167,28 @@ def test_empty_ocdbt_manifest_of_an_old_checkpoint_exits_with_one_line(six_steps
     assert lines[-1].startswith("emo-jax train: no usable checkpoint") and "checkpoints/6:" in lines[-1]
 
 
+def _python_with_noise_filters(body: str) -> subprocess.CompletedProcess:
+    """Runs `body` in a fresh interpreter once `checkpoint` has installed its orbax-noise
+    filters (gc and sys imported); everything the process prints is in the result."""
+    script = ("import gc, sys\nfrom emo_jax.train import checkpoint\ncheckpoint._filter_event_loop_noise()\n"
+              + body)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_coroutines_orbax_left_unawaited_do_not_print_at_exit():
     """When one read of orbax's gather fails, the coroutines made for the others are never
     awaited and Python warned about each at exit, after the one-line error (seen on CI; timing
     dependent, so the situation is built directly: a coroutine defined in a file under an
     `orbax/` directory, created, never started, still referenced when the interpreter exits)."""
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "store.py")
-    script = (
-        "import sys\n"
-        "from emo_jax.train import checkpoint\n"
-        "checkpoint._filter_event_loop_noise()\n"
+    result = _python_with_noise_filters(
         "source = 'class Store:\\n    async def _get_array_metadatas(self):\\n        raise SystemExit(3)\\n'\n"
         f"exec(compile(source, {orbax_file!r}, 'exec'))\n"
         "left = [Store()._get_array_metadatas()]\n"
         "sys.stderr.write('emo-jax train: the one line\\n')\n"
         "sys.exit(1)\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["emo-jax train: the one line"], result.stderr
 
@@ -203,10 +207,7 @@ def test_orbax_reads_abandoned_by_a_failed_restore_do_not_print_when_collected()
               "        await _Suspend()\n"
               "    except BaseException as err:\n"
               "        raise Exception('Encountered error while reading array index') from err\n")
-    script = (
-        "import gc, sys\n"
-        "from emo_jax.train import checkpoint\n"
-        "checkpoint._filter_event_loop_noise()\n"
+    result = _python_with_noise_filters(
         f"exec(compile({source!r}, {orbax_file!r}, 'exec'))\n"
         "read = _read_array_index_and_device_put()\n"
         "read.send(None)\n"
@@ -218,9 +219,6 @@ def test_orbax_reads_abandoned_by_a_failed_restore_do_not_print_when_collected()
         "mine = Mine()\n"
         "del mine\n"
         "sys.stderr.write('done\\n')\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Encountered error" not in result.stderr, result.stderr
     assert "not orbax: still reported" in result.stderr and result.stderr.strip().endswith("done")

@@ -87,12 +87,12 @@ def unsort_rows(y_sorted: Array, order: Array, inverse: Array) -> Array:
 
 
 def _unsort_rows_fwd(y_sorted, order, inverse):
-    return y_sorted[inverse], (order, inverse)
+    return y_sorted[inverse], order
 
 
-def _unsort_rows_bwd(residuals, d_y):
-    order, inverse = residuals
-    return d_y[order], np.zeros(order.shape, jax.dtypes.float0), np.zeros(inverse.shape, jax.dtypes.float0)
+def _unsort_rows_bwd(order, d_y):
+    no_cotangent = np.zeros(order.shape, jax.dtypes.float0)  # integer inputs (order, inverse: same shape)
+    return d_y[order], no_cotangent, no_cotangent
 
 
 unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
