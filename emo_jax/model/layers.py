@@ -27,9 +27,10 @@ def project(x: Array, w: Array, contract: int = 1) -> Array:
 
     The same product as `jnp.einsum("bsd,dv->bsv", x, w)` (or "bshk,hkd->bsd" with
     contract=2), but with the leading dims of x and the output dims of w merged first. On
-    XLA:CPU (jax 0.10-0.12) the einsum's weight gradient, which contracts over both batch
-    and sequence, ran 1.2-2.3x slower than the flattened [B*S, D] x [D, V] product (the LM
-    head at S1: 443 vs 195 ms forward+backward; BUILD_NOTES.md, "Fourth session").
+    XLA:CPU (jax 0.10.2) the einsum's weight gradient, which contracts over both batch and
+    sequence, ran 1.3-3.6x slower than the flattened [B*S, D] x [D, V] product (the LM head
+    at S1: 322 vs 89 ms for jit(grad); `benchmarks/bench_cpu_parts.py --sections projection`,
+    BUILD_NOTES.md, "Fourth session").
     """
     if x.shape[x.ndim - contract:] != w.shape[:contract]:
         raise ValueError(f"project: x {x.shape} and w {w.shape} do not share {contract} contracted dims")
