@@ -11,10 +11,15 @@ passed as an argument so that XLA cannot fold it):
               `layers.project` (one 2-D matmul), jit(grad) of both arguments
   combine     the MoE unsort + gate sum as a scatter (`zeros.at[order].set`) and as
               `reference.combine` (row gathers), forward
-  moe         one MoE layer (standard routing, capacity backend) in its pieces, forward
-              and forward+backward, next to a dense SwiGLU over the same T*K rows
+  moe         one MoE layer (standard routing, capacity backend): routing, the expert
+              layer from tokens to tokens, its SwiGLU alone, forward and
+              forward+backward, next to a dense SwiGLU over the same T*K rows
   attention   blocked attention with 128- and 64-row tiles, one document per row and
               64-token documents (and one 2048-token row), forward and forward+backward
+  sort        the expert sort of the T*K token copies: stable argsort against
+              `reference.stable_order_of_small_keys` (one packed int32 sort)
+  overflow    the capacity backend's overflow loop: blocks of R rows, each with its
+              expert's weights, forward and backward, against the slab, per block size
   torch       torch's causal SDPA, transformers' OlmoeSparseMoeBlock and the LM head
               matmul, forward at S2, next to jax's head matmul (with the interop extra;
               skipped without torch)
@@ -121,32 +126,28 @@ def moe(repeats: int) -> None:
         def route(x, w_router):
             return route_tokens(x, seg, None, w_router, k, 0)[1]
 
-        def dispatch(tokens, ids, valid):
-            return reference.dispatch(tokens, ids, valid, e).x_sorted
+        def layer(tokens, gates, w_gate, w_up, w_down, ids, valid):
+            return capacity.moe_ffn_capacity(tokens, ids, gates, valid, w_gate, w_up, w_down)
 
         def swiglu(rows, w_gate, w_up, w_down, sizes):
             return capacity.grouped_swiglu_capacity(rows, w_gate, w_up, w_down, sizes)
 
-        def combine_(y_sorted, gates, order, valid_sorted):
-            return reference.combine(y_sorted, order, valid_sorted, gates)
-
         def dense(rows, w_gate, w_up, w_down):  # the same FLOPs, one expert's weights for every row
             return (jax.nn.silu(rows @ w_gate) * (rows @ w_up)) @ w_down
 
+        layer_args = (tokens, gates, w_gate, w_up, w_down, ids, valid)
         dense_args = (sent.x_sorted, w_gate[0], w_up[0], w_down[0])
         pieces = [
             ("routing", route, (x, w_router), lambda: median_ms(
                 lambda x, w, c: jax.grad(lambda x, w: jnp.sum(route(x, w) * c), argnums=(0, 1))(x, w),
                 x, w_router, normal(7, gates.reshape(b, s, k).shape), repeats=repeats)),
-            ("dispatch", dispatch, (tokens, ids, valid), lambda: median_ms(
-                lambda tk, c: jax.grad(lambda tk: jnp.sum(dispatch(tk, ids, valid) * c))(tk), tokens, cot_rows,
-                repeats=repeats)),
-            ("grouped SwiGLU (capacity)", swiglu, (sent.x_sorted, w_gate, w_up, w_down, sent.group_sizes),
+            ("experts: capacity layer (sort, slab, overflow, combine)", layer, layer_args, lambda: median_ms(
+                lambda *a: grad_of_all(lambda *v: layer(*v, a[5], a[6]), 5)(*a[:5], a[7]),
+                *layer_args, cot_tokens, repeats=repeats)),
+            ("  its SwiGLU alone, on expert-sorted rows", swiglu,
+             (sent.x_sorted, w_gate, w_up, w_down, sent.group_sizes),
              lambda: median_ms(lambda *a: grad_of_all(lambda *w: swiglu(*w, a[4]), 4)(*a[:4], a[5]),
                                sent.x_sorted, w_gate, w_up, w_down, sent.group_sizes, cot_rows, repeats=repeats)),
-            ("combine", combine_, (sent.x_sorted, gates, sent.order, sent.valid_sorted), lambda: median_ms(
-                lambda y, g, c: grad_of_all(lambda y, g: combine_(y, g, sent.order, sent.valid_sorted), 2)(y, g, c),
-                sent.x_sorted, gates, cot_tokens, repeats=repeats)),
             ("dense SwiGLU, same FLOPs", dense, dense_args,
              lambda: median_ms(grad_of_all(dense, 4), *dense_args, cot_rows, repeats=repeats)),
         ]
@@ -154,6 +155,57 @@ def moe(repeats: int) -> None:
             rows.append((shape, name, median_ms(fn, *args, repeats=repeats), fwd_bwd()))
     table("MoE layer pieces (standard routing, 64-token documents), ms per layer",
           ("shape", "piece", "forward", "jit(grad) (with the forward it needs)"), rows)
+
+
+def sort(repeats: int) -> None:
+    rows = []
+    for shape in ("S1", "S2"):
+        b, s, _, _, e, k, _ = SHAPES[shape]
+        m = b * s * k
+        keys = jnp.asarray(np.random.default_rng(0).integers(0, e + 1, m), jnp.int32)
+        rows.append((shape, m, median_ms(lambda k: jnp.argsort(k, stable=True), keys, repeats=repeats),
+                     median_ms(lambda k: reference.stable_order_of_small_keys(k, e + 1), keys, repeats=repeats)))
+    table("sort of the token copies by expert, ms per layer", ("shape", "copies", "argsort (stable)", "packed sort"),
+          rows)
+
+
+def overflow(repeats: int) -> None:
+    """8192 rows through the overflow loop's block SwiGLU in blocks of R rows (expert
+    weights sliced per block), against the slab's batched einsum over the same rows."""
+    _, _, d, _, e, _, h = SHAPES["S2"]
+    rows_total = 8192
+    x, dy = normal(0, (rows_total, d)), normal(1, (rows_total, d))
+    w = (normal(2, (e, d, h), 0.02), normal(3, (e, d, h), 0.02), normal(4, (e, h, d), 0.02))
+    flops = 2 * rows_total * d * h * 3
+    rows = []
+    for block in (32, 64, 128, 256, 512):
+        n = rows_total // block
+
+        def fwd(x, wg, wu, wd, block=block, n=n):
+            def body(j, y):
+                e_ = (j * 7) % e
+                y_blk = capacity.block_swiglu(jax.lax.dynamic_slice_in_dim(x, j * block, block), wg[e_], wu[e_], wd[e_])
+                return jax.lax.dynamic_update_slice_in_dim(y, y_blk, j * block, 0)
+            return jax.lax.fori_loop(0, n, body, jnp.zeros((rows_total, d)))
+
+        def bwd(x, dy, wg, wu, wd, block=block, n=n):
+            def body(j, carry):
+                dx, dws = carry
+                e_ = (j * 7) % e
+                _, dx_blk, dws_e = capacity.block_swiglu_grads(
+                    jax.lax.dynamic_slice_in_dim(x, j * block, block), jax.lax.dynamic_slice_in_dim(dy, j * block, block),
+                    wg[e_], wu[e_], wd[e_])
+                return (jax.lax.dynamic_update_slice_in_dim(dx, dx_blk, j * block, 0),
+                        tuple(capacity.add_at(a, e_, g) for a, g in zip(dws, dws_e)))
+            return jax.lax.fori_loop(0, n, body, (jnp.zeros((rows_total, d)), tuple(jnp.zeros_like(v) for v in (wg, wu, wd))))
+
+        f, g = median_ms(fwd, x, *w, repeats=repeats), median_ms(bwd, x, dy, *w, repeats=repeats)
+        rows.append((f"loop, R = {block}", n, f, flops / f / 1e6, g))
+    slab = lambda x, wg, wu, wd: capacity.slab_swiglu(x.reshape(16, -1, d), wg[:16], wu[:16], wd[:16])[0]  # noqa: E731
+    f = median_ms(slab, x, *w, repeats=repeats)
+    rows.append(("slab [16, 512, D]", 1, f, flops / f / 1e6, "-"))
+    table(f"overflow blocks: {rows_total} rows, S2 experts (D {d}, H {h}), ms",
+          ("formulation", "blocks", "forward", "forward GFLOP/s", "backward (recomputing)"), rows)
 
 
 def attention(repeats: int) -> None:
@@ -211,7 +263,8 @@ def torch_pieces(repeats: int) -> None:
             median_ms(jnp.matmul, normal(0, (b * s, d)), normal(1, (d, VOCAB)), repeats=repeats))])
 
 
-SECTIONS = {"projection": projection, "combine": combine, "moe": moe, "attention": attention, "torch": torch_pieces}
+SECTIONS = {"projection": projection, "combine": combine, "moe": moe, "sort": sort, "overflow": overflow,
+            "attention": attention, "torch": torch_pieces}
 
 
 def main() -> None:

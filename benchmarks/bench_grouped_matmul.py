@@ -13,7 +13,10 @@ several times the mean, so the capacity path overflows).
 Rows, each the whole SwiGLU (three matmuls) on the same sorted rows:
   dense            one [M, D] x [D, H] SwiGLU (expert 0's weights for every row): the bar
   capacity cf=X    `kernels.capacity` (batched einsum over an [E, C, D] slab,
-                   C = X x mean rows per expert, overflow in a while loop)
+                   C = X x mean rows per expert, overflow in while loops over blocks
+                   of 512, 256, 128, 64 and 32 rows)
+    overflow R=..  the same at cf=1.0 with other overflow block sizes (R=32: one
+                   size, the default before the tiers)
   blocked R=X      `kernels.blocked` (lax.scan over X-row expert-aligned blocks with cond)
   gathered R=128   aligned blocks, weights gathered per block, one batched einsum
   ragged_dot       `jax.lax.ragged_dot` (the reference backend), with --ragged
@@ -21,8 +24,9 @@ Second table, the whole routed FFN from tokens to tokens (dispatch, SwiGLU, comb
 gates; T tokens, each to K experts) against the same dense SwiGLU over M = T*K rows:
   dense            as above (no dispatch, no combine: the bar)
   capacity layer   `kernels.capacity.moe_ffn_capacity` (the CPU default backend's
-                   layer): reference dispatch into an expert-sorted [M, D] buffer, the
-                   slab SwiGLU, reference combine
+                   layer): the slab gathered from the tokens, the slab SwiGLU, each
+                   copy's output gathered from the slab and summed with its gates,
+                   overflow copies scatter-added per token
 Rounds alternate between the rows (one process, compile excluded); medians shown, of
 wall time and of the process's CPU time (all threads: on a machine shared with other
 jobs the CPU time is the steadier measure of the work; GFLOP/s counts the useful
@@ -71,6 +75,11 @@ def formulations(ragged: bool) -> dict:
     rows = {
         "dense": lambda x, wg, wu, wd, gs: dense_swiglu(x, wg, wu, wd),
         "capacity cf=1.0": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.0),
+        "  overflow R=32": functools.partial(capacity.grouped_swiglu_capacity, block_rows=32),
+        "  overflow R=256,32": functools.partial(capacity.grouped_swiglu_capacity, block_rows=(256, 32)),
+        "  overflow R=256..32": functools.partial(capacity.grouped_swiglu_capacity, block_rows=(256, 128, 64, 32)),
+        "  overflow R=512..32": functools.partial(capacity.grouped_swiglu_capacity,
+                                                  block_rows=(512, 256, 128, 64, 32)),
         "capacity cf=1.125": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.125),
         "capacity cf=1.25": functools.partial(capacity.grouped_swiglu_capacity, capacity_factor=1.25),
         "blocked R=128": swiglu(functools.partial(blocked.grouped_matmul_blocked, block_rows=128)),

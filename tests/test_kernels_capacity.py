@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from emo_jax import kernels
-from emo_jax.kernels.capacity import capacity_for, grouped_swiglu_capacity, slab_layout
+from emo_jax.kernels.capacity import capacity_for, grouped_swiglu_capacity, overflow_block_sizes, plan_for_sorted_rows
 from emo_jax.kernels.reference import grouped_swiglu
 from moe_layer_check import assert_layer_matches_reference  # noqa: E402
 
@@ -37,6 +37,8 @@ CASES = [
     (37, 8, 8, [1, 1, 1, 30, 0, 4], 0.1, 5),    # ... blocks not dividing the overflow
     (16, 4, 4, [0, 0, 0, 0], 1.0, 8),           # no real row at all
     (100, 16, 8, [30, 0, 5, 40, 1, 14], 0.5, 3),  # overflow blocks near the end of the buffer
+    (100, 16, 8, [30, 0, 5, 40, 1, 14], 0.1, (16, 3)),  # two block sizes (the default has two)
+    (37, 8, 8, [1, 1, 1, 30, 0, 4], 0.1, (64, 8, 3)),   # three, the largest clamped to M
 ]
 
 
@@ -63,11 +65,33 @@ def test_capacity_swiglu_matches_reference_values_and_gradients(rows, d, h, size
 def test_overflow_is_really_exercised():
     """The cases above overflow: C = 16 with a group of 30 -> 2 overflow blocks of 8."""
     assert capacity_for(64, 4, 1.0) == 16
-    lay = slab_layout(jnp.asarray([10, 0, 30, 24], jnp.int32), 64, 16, 8)
-    np.testing.assert_array_equal(np.asarray(lay.overflow_blocks), [0, 0, 2, 1])
-    assert int(lay.num_overflow_blocks) == 3
-    dest = np.asarray(lay.dest)
-    assert (dest == 4 * 16).sum() == 14 + 8  # the overflow rows go to the sink, not into the slab
+    plan = plan_for_sorted_rows(jnp.asarray([10, 0, 30, 24], jnp.int32), 64, 16, (8,))
+    (tier,) = plan.overflow
+    np.testing.assert_array_equal(np.asarray(tier.blocks), [0, 0, 2, 1])
+    assert int(tier.num_blocks) == 3
+    copy_slot = np.asarray(plan.copy_slot)
+    # 14 + 8 overflow rows and the 0 padding rows have no slot; the others one each.
+    assert (copy_slot == 4 * 16).sum() == 14 + 8
+    assert sorted(copy_slot[copy_slot < 64]) == sorted(set(copy_slot[copy_slot < 64]))
+    slot_copy = np.asarray(plan.slot_copy)
+    np.testing.assert_array_equal(copy_slot[slot_copy[slot_copy < 64]], np.flatnonzero(slot_copy < 64))
+
+
+def test_overflow_tiers_split_each_experts_overflow_by_block_size():
+    """Overflow 0, 5, 20, 37 rows with blocks (16, 4): whole 16-row blocks first, the
+    rest in 4-row blocks (the last may be partial); every overflow row in exactly one."""
+    sizes = jnp.asarray([8, 13, 28, 45], jnp.int32)  # capacity 8
+    big, small = plan_for_sorted_rows(sizes, 100, 8, (16, 4)).overflow
+    np.testing.assert_array_equal(np.asarray(big.rows), [0, 0, 16, 32])
+    np.testing.assert_array_equal(np.asarray(big.blocks), [0, 0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(small.rows), [0, 5, 4, 5])
+    np.testing.assert_array_equal(np.asarray(small.blocks), [0, 2, 1, 2])
+    np.testing.assert_array_equal(np.asarray(small.first), np.asarray(big.first) + np.asarray(big.rows))
+    np.testing.assert_array_equal(np.asarray(big.first), [8, 16, 29, 57])  # group start + capacity
+    assert overflow_block_sizes((4, 16, 4), 100) == (16, 4)
+    assert overflow_block_sizes(64, 10) == (10,)  # never above the rows there are
+    with pytest.raises(ValueError, match="overflow block sizes"):
+        overflow_block_sizes((0,), 10)
 
 
 def test_capacity_jits_once_for_any_grouping():
@@ -101,3 +125,65 @@ def test_capacity_in_bfloat16_is_close_to_float32():
     y16 = grouped_swiglu_capacity(x.astype(jnp.bfloat16), *(v.astype(jnp.bfloat16) for v in w), group_sizes)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
+
+
+def _skewed_layer_inputs(seed: int, tokens: int = 48, d: int = 8, h: int = 12, e: int = 5, k: int = 3):
+    """Most copies on experts 0 and 1 (so they overflow any capacity near the mean),
+    expert 4 unused, ~25% padding tokens."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    ids = np.stack([np.concatenate([[0, 1], rng.choice([2, 3], size=k - 2, replace=False)]) for _ in range(tokens)])
+    ids = jnp.asarray(rng.permuted(ids, axis=1), jnp.int32)
+    gates = jnp.asarray(rng.uniform(0.1, 1.0, size=(tokens, k)), jnp.float32)
+    valid = jnp.asarray(rng.uniform(size=tokens) > 0.25)
+    w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((e, d, h), (e, d, h), (e, h, d))]
+    cot = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    return x, ids, gates, valid, w, cot
+
+
+@pytest.mark.parametrize("capacity_factor, block_rows", [(1.0, 32), (1.0, 5), (0.1, 4), (4.0, 8), (0.1, (16, 4)),
+                                                         (0.1, (32, 8, 3))])
+def test_capacity_layer_under_skew_matches_reference(capacity_factor, block_rows):
+    """The fused layer (slab gathered from the tokens, combine gathered from the slab,
+    overflow copies scatter-added per token) against the reference layer: value and the
+    gradients of x, gates and the weights, with most copies overflowing."""
+    from emo_jax.kernels.capacity import moe_ffn_capacity
+    from emo_jax.kernels.reference import moe_ffn
+    x, ids, gates, valid, w, cot = _skewed_layer_inputs(0)
+
+    def run(ffn):
+        loss = lambda x, g, *w: jnp.sum(ffn(x, ids, g, valid, *w) * cot)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, gates, *w)
+
+    (v, grads), (v_ref, grads_ref) = (
+        run(lambda *a: moe_ffn_capacity(*a, capacity_factor=capacity_factor, block_rows=block_rows)),
+        run(moe_ffn))
+    np.testing.assert_allclose(float(v), float(v_ref), **TOL)
+    for got, want, name in zip(grads, grads_ref, ("x", "gates", "w_gate", "w_up", "w_down")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), err_msg=name, **TOL)
+    for g in grads[2:]:
+        assert not np.any(np.asarray(g)[4]), "the unused expert gets a zero gradient"
+    assert not np.any(np.asarray(grads[0])[~np.asarray(valid)]), "padding tokens get no input gradient"
+    capacity = capacity_for(x.shape[0] * 3, 5, capacity_factor)
+    overflow = max(int(jnp.sum(valid)) - capacity, 0)
+    assert (overflow > 0) == (capacity_factor <= 1.0), "the case is meant to (not) overflow"
+
+
+def test_capacity_layer_nan_in_padding_tokens_does_not_leak():
+    """NaN in padding tokens' inputs (and gates) never reaches valid outputs or any
+    gradient: padding copies are in no slot and no overflow block."""
+    from emo_jax.kernels.capacity import moe_ffn_capacity
+    x, ids, gates, valid, w, cot = _skewed_layer_inputs(1)
+    pad = np.flatnonzero(~np.asarray(valid))
+    f = jax.jit(jax.value_and_grad(
+        lambda x, g, *w: jnp.sum(jnp.where(valid[:, None], moe_ffn_capacity(x, ids, g, valid, *w), 0) * cot),
+        argnums=(0, 1, 2, 3, 4)))
+    clean = f(x, gates, *w)
+    dirty = f(x.at[pad].set(jnp.nan), gates.at[pad].set(jnp.nan), *w)
+    assert np.isfinite(float(dirty[0]))
+    np.testing.assert_array_equal(float(dirty[0]), float(clean[0]))
+    for a, b in zip(dirty[1], clean[1]):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    y = moe_ffn_capacity(x.at[pad].set(jnp.nan), ids, gates, valid, *w)
+    assert not np.any(np.asarray(y)[pad]), "padding tokens give 0"

@@ -187,6 +187,18 @@ def test_moe_ffn_nan_in_padding_does_not_leak(ffn_inputs):
 # ---------------------------------------------------------------------------- dispatch
 
 
+@pytest.mark.parametrize("m, num_keys", [(1, 1), (37, 3), (4096, 65), (20000, 129)])
+def test_packed_key_sort_is_the_stable_argsort(m, num_keys):
+    """The expert sort packs key and index in one int32: the same order as a stable
+    argsort, many equal keys included (and the argsort fallback when it cannot pack)."""
+    keys = jnp.asarray(np.random.default_rng(m).integers(0, num_keys, m), jnp.int32)
+    want = np.argsort(np.asarray(keys), kind="stable")
+    np.testing.assert_array_equal(np.asarray(jax.jit(reference.stable_order_of_small_keys, static_argnums=1)(
+        keys, num_keys)), want)
+    # num_keys * M past int32: the argsort fallback, same order.
+    np.testing.assert_array_equal(np.asarray(reference.stable_order_of_small_keys(keys, 2**31 // m + 1)), want)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dispatch_group_sizes_and_sort_invariants(seed):
     rng = np.random.default_rng(seed)

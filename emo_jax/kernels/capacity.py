@@ -1,30 +1,38 @@
-"""Expert SwiGLU as three batched matmuls over a per-expert capacity slab, dropless.
+"""Dropless MoE feed-forward over a per-expert capacity slab: the CPU default backend.
 
-Why: on XLA:CPU one large batched `dot` runs near the speed of a dense matmul, while
-a loop of small per-block matmuls (`kernels.blocked`) pays a loop iteration, a
-dynamic slice and a conditional per block, and `ragged_dot` is lowered densely
-(E times the work). Measured at S2's shapes (M = 32768 rows, D = 256, H = 128,
-E = 64) in `benchmarks/bench_grouped_matmul.py`; numbers in BUILD_NOTES.md.
+Why: on XLA:CPU one large batched `dot` runs near the speed of a dense matmul, where
+a loop of small per-block matmuls (`kernels.blocked`) pays a loop iteration, a dynamic
+slice and a conditional per block, and `ragged_dot` is lowered densely (E times the
+work). Measured in `benchmarks/bench_grouped_matmul.py` and
+`benchmarks/bench_cpu_parts.py`; numbers in BUILD_NOTES.md.
 
-Layout: the expert-sorted rows (the `reference.dispatch` layout) are gathered into
-a slab [E, C, D], row i of expert e's group at slot (e, i) for i < C. The capacity
-C = round_up(capacity_factor * M / E, align) is static. The three matmuls of the
-SwiGLU are batched `einsum`s over the slab, so there is no per-block loop at all.
+Layout (`SlabPlan`): the T*K token copies are put in expert order
+(`reference.sort_copies`), and expert e's first C copies fill slab rows e*C .. e*C+C-1.
+The capacity C = round_up(capacity_factor * M / E, 8) is static. The slab is gathered
+straight from the token rows, the SwiGLU is three batched einsums over it, and the
+combine gathers each copy's output straight from the slab and sums the K copies with
+their gates. No [M, D] expert-sorted buffer is built: one row gather in, one out
+(docs/kernels.md, "The capacity backend").
 
-Dropless: rows i >= C of a group (overflow) are not dropped. After the slab, a
-`lax.while_loop` whose trip count is the number of overflow blocks (0 in the
-common case, so it costs nothing then) runs the SwiGLU over blocks of R overflow
-rows, sliced directly out of the sorted buffer, and writes them into the output in
-place. Its gradient is the same loop (recomputing the block's forward), so the
-forward keeps no per-block residual.
+Dropless: copies past C in their group (overflow) are not dropped. After the slab, a
+`lax.fori_loop` whose trip count is the number of overflow blocks (0 when nothing
+overflows) runs the SwiGLU over blocks of R overflow copies, gathering their token
+rows, and scatter-adds gate * output into the token output in place. Its gradient is
+the same loop (recomputing the block's forward), so the forward keeps no per-block
+residual.
 
-The whole SwiGLU is one custom VJP: residuals are the slab input and the two
-hidden pre-activations; the backward is five batched matmuls plus the overflow
-loop. Inside `shard_map(check_vma=True)` the weight cotangents are summed over the
-axes the weights are replicated on (`compat.psum_to_match`).
+The whole layer is one custom VJP. Residuals: the slab input, the two hidden
+pre-activations and the slab output (for the gate gradient). The backward gathers
+the output cotangent into the slab, runs five batched matmuls, gathers the input
+cotangent of every copy and sums each token's K copies, and runs the overflow loop.
+Inside `shard_map(check_vma=True)` the weight cotangents are summed over the axes the
+weights are replicated on (`compat.psum_to_match`).
 
-Shape letters: M sorted rows (rows past sum(group_sizes) are padding and give 0),
-D model width, H expert hidden, E experts, C capacity, R overflow block rows.
+`grouped_swiglu_capacity` is the same computation for rows already grouped by expert
+(the `reference.grouped_swiglu` contract): one copy per row, weight 1.
+
+Shape letters: T tokens (rows), K copies per token, M = T * K copies, D model width,
+H expert hidden, E experts, C capacity, S = E * C slab slots, R overflow block rows.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from emo_jax import compat
 from emo_jax.kernels import reference
@@ -42,7 +51,14 @@ Array = jax.Array
 
 DEFAULT_CAPACITY_FACTOR = 1.0
 CAPACITY_ALIGN = 8
-OVERFLOW_BLOCK_ROWS = 32  # measured at S2 (uniform routing): 32 and 16 beat 64; 16 loses under skew
+# Overflow block sizes, largest first: each expert's overflow goes in blocks of 512 rows
+# while at least 512 remain, then at most one block each of 256, 128 and 64, then
+# blocks of 32. In a loop XLA:CPU multiplies a 32-row block at about 66 GFLOP/s and a
+# 512-row one at about 150 (the slab's rate), while a 32-row block wastes at most 31
+# rows on an expert that overflows by a few (`benchmarks/bench_cpu_parts.py --sections
+# overflow`; under skewed routing at S2 the SwiGLU takes 2.2x a dense one with these
+# sizes against 3.1x with 32-row blocks only: `benchmarks/bench_grouped_matmul.py`).
+OVERFLOW_BLOCK_ROWS = (512, 256, 128, 64, 32)
 
 
 def capacity_for(rows: int, num_experts: int, capacity_factor: float, align: int = CAPACITY_ALIGN) -> int:
@@ -54,47 +70,80 @@ def capacity_for(rows: int, num_experts: int, capacity_factor: float, align: int
     return max(align, min(cap, -(-rows // align) * align))
 
 
-class SlabLayout(NamedTuple):
-    """Where each sorted row lives: its slab slot, or the overflow path."""
+class SlabPlan(NamedTuple):
+    """Where every token copy goes: its slab slot, or the overflow loop. Integers only."""
 
-    dest: Array  # i32[M]  slab row e * C + i, or E * C (a sink row) for overflow/padding rows
-    slot_row: Array  # i32[E * C]  the sorted row held by each slab slot, or M (none)
-    group_start: Array  # i32[E]  first sorted row of each group
-    group_sizes: Array  # i32[E]
-    overflow_blocks: Array  # i32[E]  ceil(max(size - C, 0) / R)
-    overflow_first_block: Array  # i32[E]  exclusive prefix sum of overflow_blocks
-    num_overflow_blocks: Array  # i32[]
+    order: Array  # i32[M]  copy (t * K + j) at each expert-sorted position; padding copies last
+    slot_copy: Array  # i32[S]  copy held by each slot, or M (an empty slot)
+    copy_slot: Array  # i32[M]  slot of each copy, or S (overflow and padding copies)
+    overflow: tuple["OverflowTier", ...]  # one per overflow block size, largest first
 
 
-def slab_layout(group_sizes: Array, rows: int, capacity: int, block_rows: int) -> SlabLayout:
-    """group_sizes: i32[E] (sum <= rows) -> the layout of `rows` sorted rows."""
+class OverflowTier(NamedTuple):
+    """The overflow copies one block size serves: expert e's sorted positions
+    first[e] .. first[e] + rows[e] - 1, in blocks of R (the last one may be partial)."""
+
+    first: Array  # i32[E]  first sorted position of the tier's rows of each expert
+    rows: Array  # i32[E]
+    blocks: Array  # i32[E]  ceil(rows / R)
+    first_block: Array  # i32[E]  exclusive prefix sum of blocks
+    num_blocks: Array  # i32[]
+
+
+def overflow_block_sizes(block_rows: int | tuple[int, ...], copies: int) -> tuple[int, ...]:
+    """The static overflow block sizes, largest first, none above `copies` (>= 1)."""
+    sizes = (block_rows,) if isinstance(block_rows, int) else tuple(block_rows)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"overflow block sizes must be positive, got {block_rows}.")
+    return tuple(sorted({max(1, min(r, copies)) for r in sizes}, reverse=True))
+
+
+def _plan(order: Array, group_sizes: Array, capacity: int, block_sizes: tuple[int, ...]) -> SlabPlan:
+    """order: i32[M] copies in expert order (the real ones first, sum(group_sizes) of
+    them); group_sizes: i32[E]."""
+    m = order.shape[0]
     num_experts = group_sizes.shape[0]
+    slots = num_experts * capacity
     group_sizes = group_sizes.astype(jnp.int32)
     end = jnp.cumsum(group_sizes)
     start = end - group_sizes
-    row = jnp.arange(rows, dtype=jnp.int32)
-    expert = jnp.minimum(jnp.searchsorted(end, row, side="right"), num_experts - 1).astype(jnp.int32)
-    pos = row - start[expert]
-    in_slab = (row < end[-1]) & (pos < capacity)
-    dest = jnp.where(in_slab, expert * capacity + pos, num_experts * capacity).astype(jnp.int32)
-    slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, C]
-    slot_row = jnp.where(slot < jnp.minimum(group_sizes, capacity)[:, None], start[:, None] + slot, rows)
-    over = jnp.maximum(group_sizes - capacity, 0)
-    blocks = (over + block_rows - 1) // block_rows
-    first = jnp.cumsum(blocks) - blocks
-    return SlabLayout(dest, slot_row.reshape(-1).astype(jnp.int32), start, group_sizes, blocks, first, jnp.sum(blocks).astype(jnp.int32))
+    pos = jnp.arange(m, dtype=jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(end, pos, side="right"), num_experts - 1).astype(jnp.int32)
+    rank = pos - start[expert]
+    in_slab = (pos < end[-1]) & (rank < capacity)
+    slot_of_pos = jnp.where(in_slab, expert * capacity + rank, slots).astype(jnp.int32)
+    copy_slot = jnp.zeros((m,), jnp.int32).at[order].set(slot_of_pos, unique_indices=True)
+    c = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, C]
+    slot_pos = jnp.where(c < jnp.minimum(group_sizes, capacity)[:, None], start[:, None] + c, m)  # [E, C]
+    slot_copy = order.at[slot_pos.reshape(-1)].get(mode="fill", fill_value=m).astype(jnp.int32)
+    return SlabPlan(order.astype(jnp.int32), slot_copy, copy_slot,
+                    _overflow_tiers(start + capacity, jnp.maximum(group_sizes - capacity, 0), block_sizes))
 
 
-def _to_slab(x: Array, lay: "SlabLayout", num_experts: int, capacity: int) -> Array:
-    """[M, A] -> [E, C, A]; slots without a row are 0. A gather (each slot reads its
-    row, `lay.slot_row`), not a scatter of rows: XLA:CPU gathers rows much faster."""
-    return x.at[lay.slot_row].get(mode="fill", fill_value=0).reshape(num_experts, capacity, x.shape[-1])
+def _overflow_tiers(first: Array, rows: Array, block_sizes: tuple[int, ...]) -> tuple[OverflowTier, ...]:
+    """Splits each expert's overflow rows [first, first + rows) over the block sizes:
+    whole blocks of each size but the last, the remainder in blocks of the last."""
+    tiers = []
+    for i, size in enumerate(block_sizes):
+        take = rows if i == len(block_sizes) - 1 else rows // size * size
+        blocks = (take + size - 1) // size
+        tiers.append(OverflowTier(first, take, blocks, jnp.cumsum(blocks) - blocks, jnp.sum(blocks).astype(jnp.int32)))
+        first, rows = first + take, rows - take
+    return tuple(tiers)
 
 
-def _from_slab(slab: Array, dest: Array) -> Array:
-    """[E, C, A] -> [M, A] in sorted-row order; overflow and padding rows (sink) are 0."""
-    flat = slab.reshape(-1, slab.shape[-1])
-    return flat.at[dest].get(mode="fill", fill_value=0)
+def plan_for_copies(expert_ids: Array, valid: Array, num_experts: int, capacity: int,
+                    block_sizes: tuple[int, ...]) -> SlabPlan:
+    """The plan of T*K token copies. expert_ids: i32[T, K]; valid: bool[T] (padding
+    tokens' copies go nowhere)."""
+    order, group_sizes, _ = reference.sort_copies(expert_ids, valid, num_experts)
+    return _plan(order, group_sizes, capacity, block_sizes)
+
+
+def plan_for_sorted_rows(group_sizes: Array, rows: int, capacity: int, block_sizes: tuple[int, ...]) -> SlabPlan:
+    """The plan of `rows` rows already grouped by expert (row i is copy i, K = 1); rows
+    past sum(group_sizes) are padding."""
+    return _plan(jnp.arange(rows, dtype=jnp.int32), group_sizes, capacity, block_sizes)
 
 
 def _bmm(a: Array, b: Array, spec: str, dtype) -> Array:
@@ -107,63 +156,6 @@ def add_at(acc: Array, e: Array, value: Array) -> Array:
     accumulator every iteration (measured: ~3 ms per overflow block at S2)."""
     return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, e, 0, keepdims=False) + value,
                                                e, 0)
-
-
-def _overflow_block(lay: SlabLayout, capacity: int, block_rows: int, rows: int,
-                    j: Array) -> tuple[Array, Array, Array]:
-    """Overflow block j -> (its expert, first row of an R-row slice of the sorted
-    buffer that holds it, bool[R] the slice's rows that belong to the block).
-
-    The slice starts at the block's first row, or earlier when that would run past
-    the end of the buffer (R <= M), so no padded copy of the buffer is needed."""
-    num_experts = lay.group_sizes.shape[0]
-    e = jnp.minimum(jnp.searchsorted(lay.overflow_first_block + lay.overflow_blocks, j, side="right"),
-                    num_experts - 1).astype(jnp.int32)
-    first = lay.group_start[e] + capacity + (j - lay.overflow_first_block[e]) * block_rows
-    end = jnp.minimum(first + block_rows, lay.group_start[e] + lay.group_sizes[e])
-    start = jnp.minimum(first, rows - block_rows)
-    row = start + jnp.arange(block_rows, dtype=jnp.int32)
-    return e, start, (row >= first) & (row < end)
-
-
-def _overflow_forward(y: Array, x: Array, w_gate: Array, w_up: Array, w_down: Array, lay: SlabLayout,
-                      capacity: int, block_rows: int) -> Array:
-    """Writes the SwiGLU of every overflow row into y [M, D] (in place)."""
-    rows = x.shape[0]
-
-    def body(j, y):
-        e, first, mask = _overflow_block(lay, capacity, block_rows, rows, j)
-        x_blk = jax.lax.dynamic_slice_in_dim(x, first, block_rows)
-        y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e]).astype(y.dtype)
-        old = jax.lax.dynamic_slice_in_dim(y, first, block_rows)
-        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], y_blk, old), first, 0)
-
-    y = compat.vary_like(y, x, w_gate, lay.dest)
-    return jax.lax.fori_loop(0, lay.num_overflow_blocks, body, y)
-
-
-def _overflow_backward(dx: Array, dw: tuple[Array, Array, Array], dy: Array, x: Array, w_gate: Array,
-                       w_up: Array, w_down: Array, lay: SlabLayout, capacity: int,
-                       block_rows: int) -> tuple[Array, tuple[Array, Array, Array]]:
-    """Adds the overflow rows' cotangents: writes dx rows, accumulates the weight
-    cotangents (float32) of each block's expert."""
-    rows = x.shape[0]
-
-    def body(j, carry):
-        dx, (dwg, dwu, dwd) = carry
-        e, first, mask = _overflow_block(lay, capacity, block_rows, rows, j)
-        x_blk = jax.lax.dynamic_slice_in_dim(x, first, block_rows)
-        dy_blk = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(dy, first, block_rows), 0)
-        dx_blk, (dwg_e, dwu_e, dwd_e) = block_swiglu_grads(x_blk, dy_blk, w_gate[e], w_up[e], w_down[e])
-        dwg, dwu, dwd = add_at(dwg, e, dwg_e), add_at(dwu, e, dwu_e), add_at(dwd, e, dwd_e)
-        dx_blk = dx_blk.astype(dx.dtype)
-        old = jax.lax.dynamic_slice_in_dim(dx, first, block_rows)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], dx_blk, old), first, 0)
-        return dx, (dwg, dwu, dwd)
-
-    like = (x, dy, w_gate, lay.dest)
-    carry = (compat.vary_like(dx, *like), tuple(compat.vary_like(d, *like) for d in dw))
-    return jax.lax.fori_loop(0, lay.num_overflow_blocks, body, carry)
 
 
 def slab_swiglu(xs: Array, w_gate: Array, w_up: Array, w_down: Array) -> tuple[Array, Array, Array]:
@@ -209,78 +201,178 @@ def block_swiglu(x_blk: Array, w_gate_e: Array, w_up_e: Array, w_down_e: Array) 
     return jnp.dot(h, w_down_e, preferred_element_type=jnp.float32)
 
 
-def block_swiglu_grads(x_blk: Array, dy_blk: Array, w_gate_e: Array, w_up_e: Array,
-                       w_down_e: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+def block_swiglu_grads(x_blk: Array, dy_blk: Array, w_gate_e: Array, w_up_e: Array, w_down_e: Array,
+                       with_output: bool = False) -> tuple[Array | None, Array, tuple[Array, Array, Array]]:
     """Backward of `block_swiglu` (recomputing its forward), all in float32: returns
-    dx_blk f32[R, D] and the expert's weight cotangents f32 ([D, H], [D, H], [H, D])."""
+    the block's output f32[R, D] (with_output, else None), dx_blk f32[R, D] and the
+    expert's weight cotangents f32 ([D, H], [D, H], [H, D])."""
     f32 = jnp.float32
     x_blk, dy_blk = x_blk.astype(f32), dy_blk.astype(f32)
     wg, wu, wd = (w.astype(f32) for w in (w_gate_e, w_up_e, w_down_e))
     g, u = x_blk @ wg, x_blk @ wu
     dg, du, silu = _swiglu_hidden_grads(dy_blk @ wd.T, g, u)
+    h = silu * u
     dx_blk = dg @ wg.T + du @ wu.T
-    return dx_blk, (x_blk.T @ dg, x_blk.T @ du, (silu * u).T @ dy_blk)
+    return (h @ wd if with_output else None), dx_blk, (x_blk.T @ dg, x_blk.T @ du, h.T @ dy_blk)
 
 
-def _slab_forward(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows):
-    rows = x.shape[0]
+def _overflow_block(tier: OverflowTier, order: Array, block_rows: int, j: Array) -> tuple[Array, Array, Array]:
+    """Block j of a tier -> (its expert, the copies i32[R] at R consecutive sorted
+    positions that hold it, bool[R] which of them belong to the block).
+
+    The positions start at the block's first one, or earlier when that would run past
+    the end (R <= M), so no padded copy of `order` is needed."""
+    m = order.shape[0]
+    num_experts = tier.first.shape[0]
+    e = jnp.minimum(jnp.searchsorted(tier.first_block + tier.blocks, j, side="right"),
+                    num_experts - 1).astype(jnp.int32)
+    first = tier.first[e] + (j - tier.first_block[e]) * block_rows
+    end = jnp.minimum(first + block_rows, tier.first[e] + tier.rows[e])
+    begin = jnp.minimum(first, m - block_rows)
+    pos = begin + jnp.arange(block_rows, dtype=jnp.int32)
+    return e, jax.lax.dynamic_slice_in_dim(order, begin, block_rows), (pos >= first) & (pos < end)
+
+
+def _overflow_forward(y: Array, x: Array, gates: Array | None, w_gate: Array, w_up: Array, w_down: Array,
+                      plan: SlabPlan, block_sizes: tuple[int, ...]) -> Array:
+    """Adds gate * SwiGLU of every overflow copy into its token's row of y f32[T, D]
+    (in place), one loop per block size. gates: f32[M] or None (weight 1)."""
+    tokens = x.shape[0]
+    k = plan.order.shape[0] // tokens
+
+    def body(tier, block_rows, j, y):
+        e, copies, mask = _overflow_block(tier, plan.order, block_rows, j)
+        token = copies // k
+        x_blk = jnp.where(mask[:, None], x[token], 0)
+        y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e])
+        if gates is not None:
+            y_blk = y_blk * gates[copies][:, None]
+        return y.at[jnp.where(mask, token, tokens)].add(y_blk, mode="drop")
+
+    y = compat.vary_like(y, x, w_gate, plan.order, *(() if gates is None else (gates,)))
+    for tier, block_rows in zip(plan.overflow, block_sizes):
+        y = jax.lax.fori_loop(0, tier.num_blocks, functools.partial(body, tier, block_rows), y)
+    return y
+
+
+def _overflow_backward(dx: Array, d_gates: Array | None, dw: tuple[Array, Array, Array], dy: Array, x: Array,
+                       gates: Array | None, w_gate: Array, w_up: Array, w_down: Array, plan: SlabPlan,
+                       block_sizes: tuple[int, ...]):
+    """Adds the overflow copies' cotangents: into their tokens' rows of dx f32[T, D],
+    their entries of d_gates f32[M], and their experts' weight cotangents (float32)."""
+    tokens = x.shape[0]
+    m = plan.order.shape[0]
+    k = m // tokens
+
+    def body(tier, block_rows, j, carry):
+        dx, d_gates, (dwg, dwu, dwd) = carry
+        e, copies, mask = _overflow_block(tier, plan.order, block_rows, j)
+        token = copies // k
+        x_blk = jnp.where(mask[:, None], x[token], 0)
+        dy_blk = jnp.where(mask[:, None], dy[token], 0)
+        gate = None if gates is None else jnp.where(mask, gates[copies], 0)
+        y_blk, dx_blk, (dwg_e, dwu_e, dwd_e) = block_swiglu_grads(
+            x_blk, dy_blk if gate is None else dy_blk * gate[:, None], w_gate[e], w_up[e], w_down[e],
+            with_output=gate is not None)
+        if gate is not None:
+            d_gates = d_gates.at[jnp.where(mask, copies, m)].set(jnp.sum(y_blk * dy_blk, axis=-1), mode="drop")
+        dx = dx.at[jnp.where(mask, token, tokens)].add(dx_blk, mode="drop")
+        return dx, d_gates, (add_at(dwg, e, dwg_e), add_at(dwu, e, dwu_e), add_at(dwd, e, dwd_e))
+
+    like = (x, dy, w_gate, plan.order) + (() if gates is None else (gates,))
+    carry = (compat.vary_like(dx, *like), None if d_gates is None else compat.vary_like(d_gates, *like),
+             tuple(compat.vary_like(d, *like) for d in dw))
+    for tier, block_rows in zip(plan.overflow, block_sizes):
+        carry = jax.lax.fori_loop(0, tier.num_blocks, functools.partial(body, tier, block_rows), carry)
+    return carry
+
+
+def _forward(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes):
+    tokens, d = x.shape
     num_experts = w_gate.shape[0]
-    lay = slab_layout(group_sizes, rows, capacity, block_rows)
-    xs = _to_slab(x, lay, num_experts, capacity)  # [E, C, D]
-    ys, g, u = slab_swiglu(xs, w_gate, w_up, w_down)
-    y = _from_slab(ys, lay.dest)
-    y = _overflow_forward(y, x, w_gate, w_up, w_down, lay, capacity, block_rows)
-    return y, (x, xs, g, u, w_gate, w_up, w_down, lay)
+    k = plan.order.shape[0] // tokens
+    xs = x.at[plan.slot_copy // k].get(mode="fill", fill_value=0).reshape(num_experts, capacity, d)
+    ys, g, u = slab_swiglu(xs, w_gate, w_up, w_down)  # [E, C, D]
+    y_copies = ys.reshape(-1, d).at[plan.copy_slot].get(mode="fill", fill_value=0).reshape(tokens, k, d)
+    gates32 = None if gates is None else gates.reshape(-1).astype(jnp.float32)
+    if gates is None:
+        y = jnp.sum(y_copies.astype(jnp.float32), axis=1)
+    else:
+        y = jnp.einsum("tkd,tk->td", y_copies.astype(jnp.float32), gates32.reshape(tokens, k))
+    y = _overflow_forward(y, x, gates32, w_gate, w_up, w_down, plan, block_sizes)
+    return y.astype(x.dtype), (x, gates, xs, g, u, ys, w_gate, w_up, w_down, plan)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _capacity_swiglu(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows):
-    return _slab_forward(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _slab_moe(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes):
+    return _forward(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes)[0]
 
 
-def _capacity_swiglu_fwd(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows):
-    return _slab_forward(x, w_gate, w_up, w_down, group_sizes, capacity, block_rows)
+def _slab_moe_fwd(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes):
+    return _forward(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes)
 
 
-def _capacity_swiglu_bwd(capacity, block_rows, res, dy):
-    x, xs, g, u, w_gate, w_up, w_down, lay = res
+def _slab_moe_bwd(capacity, block_sizes, res, dy):
+    x, gates, xs, g, u, ys, w_gate, w_up, w_down, plan = res
+    tokens, d = x.shape
     num_experts = w_gate.shape[0]
-    dys = _to_slab(dy, lay, num_experts, capacity)  # overflow rows go to the sink
-    dxs, (dw_gate, dw_up, dw_down) = slab_swiglu_grads(xs, g, u, dys, w_gate, w_up, w_down)
-    dx = _from_slab(dxs.astype(x.dtype), lay.dest)
-    dx, (dw_gate, dw_up, dw_down) = _overflow_backward(dx, (dw_gate, dw_up, dw_down), dy, x, w_gate, w_up,
-                                                       w_down, lay, capacity, block_rows)
-    dws = tuple(compat.psum_to_match(d, w).astype(w.dtype) for d, w in
-                ((dw_gate, w_gate), (dw_up, w_up), (dw_down, w_down)))
-    return (compat.psum_to_match(dx, x),) + dws + (jnp.zeros(lay.group_sizes.shape, jax.dtypes.float0),)
+    m = plan.order.shape[0]
+    k = m // tokens
+    f32 = jnp.float32
+    dy = dy.astype(f32)
+    dy_slots = dy.at[plan.slot_copy // k].get(mode="fill", fill_value=0)  # [S, D]
+    gates32 = None if gates is None else gates.reshape(-1).astype(f32)
+    if gates is None:
+        dys, d_gates = dy_slots, None
+    else:
+        dys = dy_slots * gates32.at[plan.slot_copy].get(mode="fill", fill_value=0)[:, None]
+        slot_d_gate = jnp.sum(ys.reshape(-1, d).astype(f32) * dy_slots, axis=-1)  # [S]
+        d_gates = slot_d_gate.at[plan.copy_slot].get(mode="fill", fill_value=0)  # [M]
+    dxs, dw = slab_swiglu_grads(xs, g, u, dys.astype(x.dtype).reshape(num_experts, capacity, d),
+                                w_gate, w_up, w_down)
+    dx = jnp.sum(dxs.reshape(-1, d).at[plan.copy_slot].get(mode="fill", fill_value=0).reshape(tokens, k, d),
+                 axis=1)
+    dx, d_gates, dw = _overflow_backward(dx, d_gates, dw, dy, x, gates32, w_gate, w_up, w_down, plan,
+                                         block_sizes)
+    dws = tuple(compat.psum_to_match(dw_i, w).astype(w.dtype) for dw_i, w in zip(dw, (w_gate, w_up, w_down)))
+    d_gates = None if gates is None else compat.psum_to_match(d_gates.reshape(gates.shape), gates).astype(gates.dtype)
+    no_cotangent = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), plan)  # integers
+    return (compat.psum_to_match(dx, x).astype(x.dtype), d_gates) + dws + (no_cotangent,)
 
 
-_capacity_swiglu.defvjp(_capacity_swiglu_fwd, _capacity_swiglu_bwd)
-
-
-def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array,
-                            capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                            block_rows: int = OVERFLOW_BLOCK_ROWS, expected_rows: int | None = None) -> Array:
-    """Same contract as `reference.grouped_swiglu`: x_sorted [M, D] grouped by
-    group_sizes i32[E]; w_gate, w_up [E, D, H], w_down [E, H, D] -> [M, D]; rows past
-    sum(group_sizes) give 0. Dropless whatever the capacity factor.
-
-    expected_rows: the rows the capacity is sized for (default M); a buffer that is
-    mostly empty by construction (the expert-parallel receive buffer) passes its
-    expected fill, so the slab is not sized for the worst case."""
-    rows = x_sorted.shape[0]
-    num_experts = w_gate.shape[0]
-    capacity = capacity_for(min(rows, expected_rows or rows), num_experts, capacity_factor)
-    block_rows = max(1, min(block_rows, rows))
-    return _capacity_swiglu(x_sorted, w_gate, w_up, w_down, group_sizes.astype(jnp.int32), capacity, block_rows)
+_slab_moe.defvjp(_slab_moe_fwd, _slab_moe_bwd)
 
 
 def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array, w_up: Array,
                      w_down: Array, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                     expected_rows: int | None = None) -> Array:
-    """`reference.moe_ffn` with the SwiGLU of `grouped_swiglu_capacity` (reference
-    dispatch and combine)."""
-    d = reference.dispatch(x, expert_ids, valid, w_gate.shape[0])
-    y_sorted = grouped_swiglu_capacity(d.x_sorted, w_gate, w_up, w_down, d.group_sizes, capacity_factor,
-                                       expected_rows=expected_rows)
-    return reference.combine(y_sorted, d.order, d.valid_sorted, gates)
+                     expected_rows: int | None = None,
+                     block_rows: int | tuple[int, ...] = OVERFLOW_BLOCK_ROWS) -> Array:
+    """Same contract as `reference.moe_ffn`: x [T, D]; expert_ids i32[T, K]; gates
+    f32[T, K]; valid bool[T]; w_gate, w_up [E, D, H], w_down [E, H, D] -> [T, D],
+    dropless whatever the capacity factor; padding tokens give 0.
+
+    expected_rows: the copies the capacity is sized for (default T * K); a buffer that
+    is mostly empty by construction (the expert-parallel receive buffer) passes its
+    expected fill, so the slab is not sized for the worst case."""
+    tokens, k = expert_ids.shape
+    m = tokens * k
+    num_experts = w_gate.shape[0]
+    capacity = capacity_for(min(m, expected_rows or m), num_experts, capacity_factor)
+    block_sizes = overflow_block_sizes(block_rows, m)
+    plan = plan_for_copies(expert_ids, valid, num_experts, capacity, block_sizes)
+    return _slab_moe(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes)
+
+
+def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array,
+                            capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+                            block_rows: int | tuple[int, ...] = OVERFLOW_BLOCK_ROWS,
+                            expected_rows: int | None = None) -> Array:
+    """Same contract as `reference.grouped_swiglu`: x_sorted [M, D] grouped by
+    group_sizes i32[E]; w_gate, w_up [E, D, H], w_down [E, H, D] -> [M, D]; rows past
+    sum(group_sizes) give 0. Dropless whatever the capacity factor."""
+    rows = x_sorted.shape[0]
+    num_experts = w_gate.shape[0]
+    capacity = capacity_for(min(rows, expected_rows or rows), num_experts, capacity_factor)
+    block_sizes = overflow_block_sizes(block_rows, rows)
+    plan = plan_for_sorted_rows(group_sizes, rows, capacity, block_sizes)
+    return _slab_moe(x_sorted, None, w_gate, w_up, w_down, plan, capacity, block_sizes)
