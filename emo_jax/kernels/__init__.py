@@ -4,9 +4,11 @@ Backends (config `kernels.moe_backend`), each a `MoEBackend` of four stages with
 contracts of `kernels.reference` (dispatch, grouped_matmul, combine, moe_ffn):
   reference  plain XLA; jax.lax.ragged_dot (efficient on TPU, dense on CPU, padded to
              the worst case on GPU)
-  capacity   reference dispatch/combine; the expert SwiGLU as three batched matmuls
-             over a per-expert capacity slab, overflow rows in a while loop, dropless
-             (`kernels.capacity`), the fastest on CPU
+  capacity   the layer as one custom VJP from tokens to tokens: the expert SwiGLU as
+             three batched matmuls over a per-expert capacity slab gathered straight
+             from the tokens, overflow copies in loops over 512..32-row blocks,
+             dropless (`kernels.capacity`), the fastest on CPU; its single stages are
+             the reference dispatch/combine and the blocked grouped matmul
   blocked    reference dispatch/combine; grouped matmul as expert-aligned row blocks
              in a lax.scan (`kernels.blocked`)
   pallas     Pallas kernels with custom VJPs for all of it (`kernels.pallas`): Mosaic
