@@ -6,6 +6,8 @@ the whole dropless layer. Inside shard_map it is covered by tests/test_parallel_
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,11 +171,16 @@ def test_capacity_layer_under_skew_matches_reference(capacity_factor, block_rows
     assert (overflow > 0) == (capacity_factor <= 1.0), "the case is meant to (not) overflow"
 
 
-def test_capacity_layer_nan_in_padding_tokens_does_not_leak():
+@pytest.mark.parametrize("last_expert_overflows", [False, True])
+def test_capacity_layer_nan_in_padding_tokens_does_not_leak(last_expert_overflows):
     """NaN in padding tokens' inputs (and gates) never reaches valid outputs or any
-    gradient: padding copies are in no slot and no overflow block."""
+    gradient: padding copies are in no slot and no overflow block. With the last expert
+    overflowing, its last overflow block also spans the padding copies (sorted after
+    every group), which the block's mask must keep out."""
     from emo_jax.kernels.capacity import moe_ffn_capacity
     x, ids, gates, valid, w, cot = _skewed_layer_inputs(1)
+    if last_expert_overflows:
+        ids = jnp.broadcast_to(jnp.asarray([4, 3, 2], jnp.int32), ids.shape)
     pad = np.flatnonzero(~np.asarray(valid))
     f = jax.jit(jax.value_and_grad(
         lambda x, g, *w: jnp.sum(jnp.where(valid[:, None], moe_ffn_capacity(x, ids, g, valid, *w), 0) * cot),
@@ -187,3 +194,49 @@ def test_capacity_layer_nan_in_padding_tokens_does_not_leak():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     y = moe_ffn_capacity(x.at[pad].set(jnp.nan), ids, gates, valid, *w)
     assert not np.any(np.asarray(y)[pad]), "padding tokens give 0"
+
+
+def test_capacity_layer_with_one_copy_per_token_matches_reference():
+    """K = 1, as the expert-parallel path calls it on a receive buffer (gates of 1), and
+    with learned gates: values and every gradient against the reference layer."""
+    from emo_jax.kernels.capacity import moe_ffn_capacity
+    from emo_jax.kernels.reference import moe_ffn
+    rng = np.random.default_rng(7)
+    tokens, d, h, e = 70, 8, 12, 4
+    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    ids = jnp.asarray(rng.choice(e, size=(tokens, 1), p=[0.6, 0.3, 0.1, 0.0]), jnp.int32)
+    valid = jnp.asarray(rng.uniform(size=tokens) > 0.2)
+    w = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), jnp.float32) for s in ((e, d, h), (e, d, h), (e, h, d))]
+    cot = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    for gates in (jnp.ones((tokens, 1), jnp.float32), jnp.asarray(rng.uniform(0.1, 1, (tokens, 1)), jnp.float32)):
+        def run(ffn):
+            loss = lambda x, g, *w: jnp.sum(ffn(x, ids, g, valid, *w) * cot)  # noqa: E731
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, gates, *w)
+        (v, grads), (v_ref, grads_ref) = run(functools.partial(moe_ffn_capacity, block_rows=(16, 4))), run(moe_ffn)
+        np.testing.assert_allclose(float(v), float(v_ref), **TOL)
+        for got, want, name in zip(grads, grads_ref, ("x", "gates", "w_gate", "w_up", "w_down")):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), err_msg=name, **TOL)
+
+
+def test_capacity_layer_in_bfloat16_is_as_close_to_float32_as_the_reference():
+    """bfloat16 inputs and weights: output dtype kept; value and gradients within the
+    reference layer's own bfloat16 error (measured against the float32 reference)."""
+    from emo_jax.kernels.capacity import moe_ffn_capacity
+    from emo_jax.kernels.reference import moe_ffn
+    x, ids, gates, valid, w, cot = _skewed_layer_inputs(2)
+
+    def run(ffn, dtype):
+        loss = lambda x, g, *w: jnp.sum(ffn(x, ids, g, valid, *w).astype(jnp.float32) * cot)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4)))(
+            x.astype(dtype), gates, *(v.astype(dtype) for v in w))
+
+    _, exact = run(moe_ffn, jnp.float32)
+    _, ref16 = run(moe_ffn, jnp.bfloat16)
+    _, got16 = run(moe_ffn_capacity, jnp.bfloat16)
+    assert moe_ffn_capacity(x.astype(jnp.bfloat16), ids, gates, valid,
+                            *(v.astype(jnp.bfloat16) for v in w)).dtype == jnp.bfloat16
+    for got, ref, want, name in zip(got16, ref16, exact, ("x", "w_gate", "w_up", "w_down")):
+        want = np.asarray(want, np.float32)
+        err = np.abs(np.asarray(got, np.float32) - want).max()
+        ref_err = np.abs(np.asarray(ref, np.float32) - want).max()
+        assert err <= 2 * ref_err + 1e-3 * np.abs(want).max(), (name, err, ref_err)

@@ -199,6 +199,30 @@ def test_packed_key_sort_is_the_stable_argsort(m, num_keys):
     np.testing.assert_array_equal(np.asarray(reference.stable_order_of_small_keys(keys, 2**31 // m + 1)), want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "capacity"])
+def test_expert_ids_outside_the_experts_are_in_no_group_and_touch_no_other_token(backend):
+    """An id outside [0, E) (huge, so key * M would wrap int32 in the packed sort, or
+    negative) makes that copy contribute 0; every other copy is computed as usual."""
+    from emo_jax import kernels
+    rng = np.random.default_rng(11)
+    t, k, e, d, h = 12, 2, 3, 4, 5
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    ids = np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]).astype(np.int32)
+    gates = jnp.asarray(rng.uniform(0.1, 1, (t, k)), jnp.float32)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, d, h), (e, d, h), (e, h, d))]
+    valid = jnp.ones(t, bool)
+    bad = ids.copy()
+    bad[5, 0], bad[6, 1] = 2**30, -3
+    ffn = kernels.backend_for(backend).moe_ffn
+    got = np.asarray(jax.jit(ffn)(x, jnp.asarray(bad), gates, valid, *w))
+    zeroed = gates.at[5, 0].set(0.0).at[6, 1].set(0.0)  # the same copies contributing nothing
+    want = np.asarray(jax.jit(ffn)(x, jnp.asarray(ids), zeroed, valid, *w))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    order, sizes, valid_sorted = reference.sort_copies(jnp.asarray(bad), valid, e)
+    assert sorted(np.asarray(order).tolist()) == list(range(t * k)), "order stays a permutation"
+    assert int(np.asarray(sizes).sum()) == t * k - 2 and int(np.asarray(valid_sorted).sum()) == t * k - 2
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dispatch_group_sizes_and_sort_invariants(seed):
     rng = np.random.default_rng(seed)

@@ -14,12 +14,12 @@ combine gathers each copy's output straight from the slab and sums the K copies 
 their gates. No [M, D] expert-sorted buffer is built: one row gather in, one out
 (docs/kernels.md, "The capacity backend").
 
-Dropless: copies past C in their group (overflow) are not dropped. After the slab, a
-`lax.fori_loop` whose trip count is the number of overflow blocks (0 when nothing
-overflows) runs the SwiGLU over blocks of R overflow copies, gathering their token
-rows, and scatter-adds gate * output into the token output in place. Its gradient is
-the same loop (recomputing the block's forward), so the forward keeps no per-block
-residual.
+Dropless: copies past C in their group (overflow) are not dropped. After the slab, one
+`lax.fori_loop` per overflow block size (`OVERFLOW_BLOCK_ROWS`), each with a traced
+trip count (0 when nothing overflows), runs the SwiGLU over blocks of R overflow
+copies, gathering their token rows, and scatter-adds gate * output into the token
+output in place. Their gradient is the same loops (recomputing each block's forward),
+so the forward keeps no per-block residual.
 
 The whole layer is one custom VJP. Residuals: the slab input, the two hidden
 pre-activations and the slab output (for the gate gradient). The backward gathers
@@ -53,11 +53,11 @@ DEFAULT_CAPACITY_FACTOR = 1.0
 CAPACITY_ALIGN = 8
 # Overflow block sizes, largest first: each expert's overflow goes in blocks of 512 rows
 # while at least 512 remain, then at most one block each of 256, 128 and 64, then
-# blocks of 32. In a loop XLA:CPU multiplies a 32-row block at about 66 GFLOP/s and a
-# 512-row one at about 150 (the slab's rate), while a 32-row block wastes at most 31
+# blocks of 32. In a loop XLA:CPU multiplies a 32-row block at about 62 GFLOP/s and a
+# 512-row one at about 126 (the slab: 158), while a 32-row block wastes at most 31
 # rows on an expert that overflows by a few (`benchmarks/bench_cpu_parts.py --sections
-# overflow`; under skewed routing at S2 the SwiGLU takes 2.2x a dense one with these
-# sizes against 3.1x with 32-row blocks only: `benchmarks/bench_grouped_matmul.py`).
+# overflow`; under skewed routing at S2 the SwiGLU with gradients takes 2.2x a dense one
+# with these sizes against 3.2x with 32-row blocks only: `bench_grouped_matmul.py`).
 OVERFLOW_BLOCK_ROWS = (512, 256, 128, 64, 32)
 
 
@@ -244,7 +244,8 @@ def _overflow_forward(y: Array, x: Array, gates: Array | None, w_gate: Array, w_
         e, copies, mask = _overflow_block(tier, plan.order, block_rows, j)
         token = copies // k
         x_blk = jnp.where(mask[:, None], x[token], 0)
-        y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e])
+        # Rounded to x's dtype like the slab's outputs, before the gate.
+        y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e]).astype(x.dtype).astype(jnp.float32)
         if gates is not None:
             y_blk = y_blk * gates[copies][:, None]
         return y.at[jnp.where(mask, token, tokens)].add(y_blk, mode="drop")

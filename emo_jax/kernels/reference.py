@@ -41,12 +41,13 @@ class Dispatched(NamedTuple):
 
 
 def stable_order_of_small_keys(keys: Array, num_keys: int) -> Array:
-    """jnp.argsort(keys, stable=True) for keys i32[M] in [0, num_keys).
+    """jnp.argsort(keys, stable=True) for keys i32[M] in [0, num_keys) (the caller
+    guarantees the range: a key outside it would wrap the packed int32).
 
     Each key and its index are packed into one int32 (key * M + index), so a plain
     single-operand sort gives the stable order: XLA:CPU sorts one int32 array about 5x
-    faster than argsort's (key, index) pair with a comparator (S2, M = 32768: 1.1 vs
-    5.3 ms; `benchmarks/bench_cpu_parts.py --sections sort`). Falls back to argsort
+    faster than argsort's (key, index) pair with a comparator (S2, M = 32768: 1.2 vs
+    6.0 ms; `benchmarks/bench_cpu_parts.py --sections sort`). Falls back to argsort
     when the packed key would not fit in int32.
     """
     m = keys.shape[0]
@@ -60,14 +61,17 @@ def sort_copies(expert_ids: Array, valid: Array, num_experts: int) -> tuple[Arra
     """Sort order of the T*K token copies by expert; invalid copies sort last.
 
     expert_ids: i32[T, K]; valid: bool[T]. Returns (order i32[M], group_sizes i32[E],
-    valid_sorted bool[M]).
+    valid_sorted bool[M]). Invalid copies are those of padding tokens and those whose id
+    lies outside [0, E) (the router never gives one): they belong to no group and every
+    backend gives them output 0, without touching the other tokens.
     """
     k = expert_ids.shape[-1]
-    valid_copies = jnp.repeat(valid, k)
-    keys = jnp.where(valid_copies, expert_ids.reshape(-1), num_experts)
+    ids = expert_ids.reshape(-1)
+    in_group = jnp.repeat(valid, k) & (ids >= 0) & (ids < num_experts)
+    keys = jnp.where(in_group, ids, num_experts)
     order = stable_order_of_small_keys(keys, num_experts + 1)
     group_sizes = jnp.zeros((num_experts + 1,), jnp.int32).at[keys].add(1)[:num_experts]
-    return order, group_sizes, valid_copies[order]
+    return order, group_sizes, in_group[order]
 
 
 def dispatch(x: Array, expert_ids: Array, valid: Array, num_experts: int) -> Dispatched:
