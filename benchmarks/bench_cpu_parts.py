@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emo_jax.accelcheck.timing import time_call
 from emo_jax.kernels import capacity, reference
 from emo_jax.kernels.attention_blocked import blocked_attention
 from emo_jax.model.layers import project
@@ -50,15 +51,10 @@ VOCAB = 8192
 
 
 def median_ms(fn: Callable, *args, repeats: int) -> float:
+    """Median ms of `repeats` calls of jit(fn), after two untimed ones (compile, warm-up)."""
     fn = jax.jit(fn)
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    jax.block_until_ready(fn(*args))
+    return time_call(fn, args, repeats, cap_s=float("inf"), guard=False)["seconds"] * 1e3
 
 
 def grad_of_all(fn: Callable, n: int) -> Callable:

@@ -233,6 +233,12 @@ def _overflow_block(tier: OverflowTier, order: Array, block_rows: int, j: Array)
     return e, jax.lax.dynamic_slice_in_dim(order, begin, block_rows), (pos >= first) & (pos < end)
 
 
+def _block_rows(a: Array, token: Array, mask: Array) -> Array:
+    """Rows a[token] of a block, zero where the block's mask is off ([T, D] -> [R, D]):
+    the unmasked positions may hold other experts' or padding tokens' copies."""
+    return jnp.where(mask[:, None], a[token], 0)
+
+
 def _overflow_forward(y: Array, x: Array, gates: Array | None, w_gate: Array, w_up: Array, w_down: Array,
                       plan: SlabPlan, block_sizes: tuple[int, ...]) -> Array:
     """Adds gate * SwiGLU of every overflow copy into its token's row of y f32[T, D]
@@ -243,7 +249,7 @@ def _overflow_forward(y: Array, x: Array, gates: Array | None, w_gate: Array, w_
     def body(tier, block_rows, j, y):
         e, copies, mask = _overflow_block(tier, plan.order, block_rows, j)
         token = copies // k
-        x_blk = jnp.where(mask[:, None], x[token], 0)
+        x_blk = _block_rows(x, token, mask)
         # Rounded to x's dtype like the slab's outputs, before the gate.
         y_blk = block_swiglu(x_blk, w_gate[e], w_up[e], w_down[e]).astype(x.dtype).astype(jnp.float32)
         if gates is not None:
@@ -269,8 +275,7 @@ def _overflow_backward(dx: Array, d_gates: Array | None, dw: tuple[Array, Array,
         dx, d_gates, (dwg, dwu, dwd) = carry
         e, copies, mask = _overflow_block(tier, plan.order, block_rows, j)
         token = copies // k
-        x_blk = jnp.where(mask[:, None], x[token], 0)
-        dy_blk = jnp.where(mask[:, None], dy[token], 0)
+        x_blk, dy_blk = _block_rows(x, token, mask), _block_rows(dy, token, mask)
         gate = None if gates is None else jnp.where(mask, gates[copies], 0)
         y_blk, dx_blk, (dwg_e, dwu_e, dwd_e) = block_swiglu_grads(
             x_blk, dy_blk if gate is None else dy_blk * gate[:, None], w_gate[e], w_up[e], w_down[e],
@@ -344,6 +349,14 @@ def _slab_moe_bwd(capacity, block_sizes, res, dy):
 _slab_moe.defvjp(_slab_moe_fwd, _slab_moe_bwd)
 
 
+def _static_sizes(copies: int, num_experts: int, capacity_factor: float, expected_rows: int | None,
+                  block_rows: int | tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """(capacity C, overflow block sizes) for `copies` copies, C sized for
+    min(copies, expected_rows)."""
+    return (capacity_for(min(copies, expected_rows or copies), num_experts, capacity_factor),
+            overflow_block_sizes(block_rows, copies))
+
+
 def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array, w_up: Array,
                      w_down: Array, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
                      expected_rows: int | None = None,
@@ -355,11 +368,8 @@ def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_
     expected_rows: the copies the capacity is sized for (default T * K); a buffer that
     is mostly empty by construction (the expert-parallel receive buffer) passes its
     expected fill, so the slab is not sized for the worst case."""
-    tokens, k = expert_ids.shape
-    m = tokens * k
     num_experts = w_gate.shape[0]
-    capacity = capacity_for(min(m, expected_rows or m), num_experts, capacity_factor)
-    block_sizes = overflow_block_sizes(block_rows, m)
+    capacity, block_sizes = _static_sizes(expert_ids.size, num_experts, capacity_factor, expected_rows, block_rows)
     plan = plan_for_copies(expert_ids, valid, num_experts, capacity, block_sizes)
     return _slab_moe(x, gates, w_gate, w_up, w_down, plan, capacity, block_sizes)
 
@@ -373,7 +383,6 @@ def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down:
     sum(group_sizes) give 0. Dropless whatever the capacity factor."""
     rows = x_sorted.shape[0]
     num_experts = w_gate.shape[0]
-    capacity = capacity_for(min(rows, expected_rows or rows), num_experts, capacity_factor)
-    block_sizes = overflow_block_sizes(block_rows, rows)
+    capacity, block_sizes = _static_sizes(rows, num_experts, capacity_factor, expected_rows, block_rows)
     plan = plan_for_sorted_rows(group_sizes, rows, capacity, block_sizes)
     return _slab_moe(x_sorted, None, w_gate, w_up, w_down, plan, capacity, block_sizes)
