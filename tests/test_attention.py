@@ -17,6 +17,7 @@ from helpers import tiny_config  # noqa: E402
 
 from emo_jax.config import ConfigError  # noqa: E402
 from emo_jax.kernels import attention as attn  # noqa: E402
+from emo_jax.kernels import attention_blocked  # noqa: E402
 from emo_jax.kernels.attention_blocked import blocked_attention, first_occurrence, key_block_starts  # noqa: E402
 from emo_jax.model import build_model  # noqa: E402
 
@@ -64,15 +65,38 @@ def assert_matches_reference(fn, q, k, v, seg, atol=ATOL, grad_atol=GRAD_ATOL):
 # ------------------------------------------------------------------- blocked (pure JAX)
 
 
+def force_path(monkeypatch, path: str) -> int:
+    """unroll_blocks for `path`: "loops" (never unrolled), "unrolled" (always, whatever
+    the documents), "auto" (the default cap and run-time choice)."""
+    if path == "unrolled":
+        monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.0)
+        return 1 << 20
+    return 0 if path == "loops" else attention_blocked.UNROLL_QUERY_BLOCKS
+
+
+@pytest.mark.parametrize("path", ["loops", "unrolled", "auto"])
 @pytest.mark.parametrize("seq,block_q,block_k", [(37, 8, 8), (37, 16, 8), (37, 8, 16), (40, 5, 7),
                                                  (30, 64, 64)])
-def test_blocked_matches_reference(seq, block_q, block_k):
+def test_blocked_matches_reference(seq, block_q, block_k, path, monkeypatch):
     """Forward and q/k/v gradients equal the reference on packed rows with several
-    documents and padding, S not a multiple of the blocks (and one block larger than S)."""
+    documents and padding, S not a multiple of the blocks (and one block larger than S),
+    by the loops, by the unrolled path, and by the run-time choice between them."""
     seg = packed_segments(seq)
     q, k, v = qkv(seq + block_q, seg.shape[0], seq)
-    fn = lambda q, k, v, s: blocked_attention(q, k, v, s, block_q, block_k)  # noqa: E731
+    unroll = force_path(monkeypatch, path)
+    fn = lambda q, k, v, s: blocked_attention(q, k, v, s, block_q, block_k, unroll)  # noqa: E731
     assert_matches_reference(fn, q, k, v, seg)
+
+
+def test_unrolled_path_chosen_for_long_documents_only():
+    """The run-time choice: one document per row visits every causal tile (unrolled);
+    64-token documents at S = 512 visit the diagonal only (4 of 10 tiles: loops)."""
+    tiles = attention_blocked._Tiles(512, 128, 128)
+    one_doc = jnp.ones((2, 512), jnp.int32)
+    short_docs = jnp.asarray(np.repeat(np.arange(1, 9), 64)[None].repeat(2, 0), jnp.int32)
+    for seg, expected in ((one_doc, True), (short_docs, False)):
+        _, lo = attention_blocked._segments(seg, tiles)
+        assert bool(attention_blocked._use_unrolled(lo, tiles)) is expected
 
 
 def test_blocked_bfloat16_close_to_reference():
@@ -97,9 +121,11 @@ def test_first_occurrence_and_block_starts_match_brute_force():
 
 
 def test_blocked_skips_blocks_above_diagonal_and_before_documents():
-    """Keys and values in blocks that no query of a block can see are never read:
+    """The loops never read keys and values in blocks that no query of a block can see:
     NaN there (which a visited-but-masked tile would spread through p @ v) leaves the
-    output and the gradients finite and equal to the reference on clean inputs."""
+    output and the gradients finite and equal to the reference on clean inputs. (The
+    unrolled path reads the earlier documents' blocks; it runs only when the loops would
+    visit nearly all of them anyway.)"""
     seq, block = 64, 16
     seg = np.ones((2, seq), np.int32)
     seg[:, 32:] = 2  # both rows: documents [0, 32) and [32, 64)
@@ -107,7 +133,7 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents():
     # Query block 3 (rows 48..63, document 2) must skip key blocks 0 and 1 (document 1).
     poisoned_k = k.at[:, :32].set(jnp.nan)
     poisoned_v = v.at[:, :32].set(jnp.nan)
-    fn = jax.jit(lambda q, k, v: blocked_attention(q, k, v, jnp.asarray(seg), block, block))
+    fn = jax.jit(lambda q, k, v: blocked_attention(q, k, v, jnp.asarray(seg), block, block, 0))
     out = np.asarray(fn(q, poisoned_k, poisoned_v))
     expected = np.asarray(attn.reference_attention(q, k, v, jnp.asarray(seg)))
     np.testing.assert_allclose(out[:, 32:], expected[:, 32:], atol=ATOL, rtol=0)
@@ -127,12 +153,15 @@ def _temp_bytes(seq: int, kernel) -> int:
 
 def test_blocked_memory_linear_in_sequence():
     """Compiled scratch memory of forward+backward grows ~4x from S=512 to 2048 for the
-    blocked kernel (linear), ~16x for the reference (its [B, H, S, S] scores)."""
-    fn = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128)  # noqa: E731
-    blocked = _temp_bytes(2048, fn) / _temp_bytes(512, fn)
+    loops (linear), ~16x for the reference (its [B, H, S, S] scores); with the default
+    unrolled path (S <= 512 at 128-row blocks) too from S=2048 to 8192."""
+    loops = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128, 0)  # noqa: E731
+    default = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128)  # noqa: E731
+    blocked = _temp_bytes(2048, loops) / _temp_bytes(512, loops)
     reference = _temp_bytes(2048, attn.reference_attention) / _temp_bytes(512, attn.reference_attention)
     assert blocked < 6, blocked
     assert reference > 8, reference
+    assert _temp_bytes(8192, default) / _temp_bytes(2048, default) < 6
 
 
 # ------------------------------------------------------------- Pallas kernels (interpret)

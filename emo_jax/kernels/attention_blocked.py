@@ -18,6 +18,18 @@ so memory stays linear in S in both passes.
 
 The loops slice the sequence axis only; the batch and head axes stay whole inside a
 tile, so a batch sharded over a mesh stays sharded.
+
+Short sequences (at most `unroll_blocks` query blocks, 4 by default: S <= 512 with
+128-row blocks) can take an unrolled path instead: query block i is one static tile
+against its whole key prefix [0, (i + 1) * block_q), one plain softmax, no loop and no
+online rescaling. XLA:CPU runs a tile that way at about 60% of a loop tile's time
+forward and 80% with the backward (a loop body's ops cannot fuse or overlap across
+iterations), but the prefix includes the tiles of earlier documents that the loops
+skip. So the choice is made at run time (`lax.cond`, one branch runs): the unrolled
+path when the loops would visit at least UNROLL_MIN_VISITED of the causal triangle's
+tiles (rows of one long document), the loops otherwise (packed short documents). The
+unrolled path never visits a block above the diagonal; its memory is quadratic only
+up to S = unroll_blocks * block_q, linear beyond (BUILD_NOTES.md, "Sixth session").
 """
 
 from __future__ import annotations
@@ -162,7 +174,10 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
             dq_i, dk, dv = carry
             k_start = j * bk
             s, visible, k_j, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, k_start, bk)
-            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+            # The mask as an additive 0 / -inf bias (exp(-inf) = 0, the same values as a
+            # select after the exp): XLA:CPU fuses it into one pass, 8% off the backward
+            # at S2 (BUILD_NOTES.md, "Sixth session").
+            p = jnp.exp(s + jnp.where(visible, 0.0, -jnp.inf) - lse_i[..., None])
             dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
             ds = p * (dp - delta_i[..., None])
             dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j)
@@ -181,6 +196,48 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
     return jax.lax.fori_loop(0, tiles.n_q, query_block, (zeros, zeros, zeros))
 
 
+def _prefix_tile(q_i: Array, seg_q: Array, q_start: int, k: Array, seg: Array) -> Array:
+    """Scores of query block q_i [B, H, bq, D] against every key before the block's end
+    (static length n = q_start + bq), -inf where not visible: f32[B, H, bq, n]."""
+    n = q_start + q_i.shape[2]
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k[:, :, :n])
+    visible = _tile_mask(seg_q, seg[:, :n], jnp.int32(q_start), jnp.int32(0))
+    return s + jnp.where(visible, 0.0, -jnp.inf)  # additive: one fused pass on XLA:CPU
+
+
+def _forward_unrolled(q: Array, k: Array, v: Array, seg: Array, tiles: _Tiles) -> tuple[Array, Array]:
+    """`_forward` with the query blocks unrolled, each against its whole key prefix."""
+    bq = tiles.block_q
+    outs, lses = [], []
+    for i in range(tiles.n_q):
+        q_start = i * bq
+        s = _prefix_tile(q[:, :, q_start:q_start + bq], seg[:, q_start:q_start + bq], q_start, k, seg)
+        m = s.max(axis=-1)  # finite: every query sees itself
+        p = jnp.exp(s - m[..., None])
+        l = p.sum(axis=-1)
+        outs.append(jnp.einsum("bhqk,bhkd->bhqd", p, v[:, :, :q_start + bq]) / l[..., None])
+        lses.append(m + jnp.log(l))
+    return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+
+def _backward_unrolled(q, k, v, seg, out, lse, d_out, tiles: _Tiles):
+    """`_backward` with the query blocks unrolled, each against its whole key prefix."""
+    bq = tiles.block_q
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, H, Sp]
+    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for i in range(tiles.n_q):
+        q_start, n = i * bq, (i + 1) * bq
+        rows = slice(q_start, n)
+        q_i, do_i = q[:, :, rows], d_out[:, :, rows]
+        p = jnp.exp(_prefix_tile(q_i, seg[:, rows], q_start, k, seg) - lse[:, :, rows, None])
+        ds = p * (jnp.einsum("bhqd,bhkd->bhqk", do_i, v[:, :, :n]) - delta[:, :, rows, None])
+        dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k[:, :, :n]))
+        dk = dk.at[:, :, :n].add(jnp.einsum("bhqk,bhqd->bhkd", ds, q_i))
+        dv = dv.at[:, :, :n].add(jnp.einsum("bhqk,bhqd->bhkd", p, do_i))
+    return jnp.concatenate(dqs, axis=2), dk, dv
+
+
 def _heads(q, k, v, tiles: _Tiles):
     """[B, S, H, D] inputs -> f32[B, H, Sp, D] (q scaled by 1/sqrt(D)), and the scale."""
     to_heads = lambda x: pad_to(jnp.swapaxes(x.astype(jnp.float32), 1, 2), tiles.padded, axis=2)  # noqa: E731
@@ -194,36 +251,64 @@ def _segments(segment_ids, tiles: _Tiles):
     return seg, key_block_starts(seg, tiles.block_q, tiles.block_k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+UNROLL_QUERY_BLOCKS = 4
+UNROLL_MIN_VISITED = 0.8
+
+
+def _use_unrolled(lo: Array, tiles: _Tiles) -> Array:
+    """bool[]: the loops would visit at least UNROLL_MIN_VISITED of the causal tiles."""
+    hi = tiles.last_key_block(jnp.arange(tiles.n_q, dtype=jnp.int32))
+    return jnp.sum(hi - lo + 1) >= UNROLL_MIN_VISITED * jnp.sum(hi + 1)
+
+
+def _attend(qs, kh, vh, seg, lo, tiles: _Tiles, unroll_blocks: int):
+    """(out, lse) by the loops, or by the unrolled path when eligible and worth it."""
+    if tiles.n_q > unroll_blocks:
+        return _forward(qs, kh, vh, seg, lo, tiles)
+    return jax.lax.cond(_use_unrolled(lo, tiles), lambda: _forward_unrolled(qs, kh, vh, seg, tiles),
+                        lambda: _forward(qs, kh, vh, seg, lo, tiles))
+
+
+def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_blocks: int):
+    """The backward of `_attend`, by the path its forward took."""
+    if tiles.n_q > unroll_blocks:
+        return _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
+    return jax.lax.cond(_use_unrolled(lo, tiles),
+                        lambda: _backward_unrolled(qs, kh, vh, seg, out, lse, d_out, tiles),
+                        lambda: _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q: int = 128,
-                      block_k: int = 128) -> Array:
+                      block_k: int = 128, unroll_blocks: int = UNROLL_QUERY_BLOCKS) -> Array:
     """Causal attention inside segments, scale 1/sqrt(D), without an S x S tensor.
 
     q, k, v: [B, S, H, D]; segment_ids: i32[B, S] (equal ids attend to each other,
     padding 0 included, as `layers.causal_segment_mask`). Returns [B, S, H, D] in q's
-    dtype; S need not be a multiple of the block sizes.
+    dtype; S need not be a multiple of the block sizes. Up to `unroll_blocks` query
+    blocks the unrolled path may run (module docstring); 0: always the loops.
     """
-    out, _ = _blocked_fwd(q, k, v, segment_ids, block_q, block_k)
+    out, _ = _blocked_fwd(q, k, v, segment_ids, block_q, block_k, unroll_blocks)
     return out
 
 
-def _blocked_fwd(q, k, v, segment_ids, block_q, block_k):
+def _blocked_fwd(q, k, v, segment_ids, block_q, block_k, unroll_blocks):
     tiles = _Tiles(q.shape[1], block_q, block_k)
     qs, kh, vh, _ = _heads(q, k, v, tiles)
     seg, lo = _segments(segment_ids, tiles)
-    out, lse = _forward(qs, kh, vh, seg, lo, tiles)
+    out, lse = _attend(qs, kh, vh, seg, lo, tiles, unroll_blocks)
     result = jnp.swapaxes(out[:, :, :q.shape[1]], 1, 2).astype(q.dtype)
     # The padded segments and block starts are kept (small), the head-major copies of
     # q, k, v are rebuilt in the backward (large).
     return result, (q, k, v, seg, lo, out, lse)
 
 
-def _blocked_bwd(block_q, block_k, residuals, d_result):
+def _blocked_bwd(block_q, block_k, unroll_blocks, residuals, d_result):
     q, k, v, seg, lo, out, lse = residuals
     tiles = _Tiles(q.shape[1], block_q, block_k)
     qs, kh, vh, scale = _heads(q, k, v, tiles)
     d_out = pad_to(jnp.swapaxes(d_result.astype(jnp.float32), 1, 2), tiles.padded, axis=2)
-    dq, dk, dv = _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
+    dq, dk, dv = _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles, unroll_blocks)
     back = lambda x, like: jnp.swapaxes(x[:, :, :like.shape[1]], 1, 2).astype(like.dtype)  # noqa: E731
     return back(dq * scale, q), back(dk, k), back(dv, v), None
 
