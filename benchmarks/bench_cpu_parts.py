@@ -15,7 +15,8 @@ passed as an argument so that XLA cannot fold it):
               layer from tokens to tokens, its SwiGLU alone, forward and
               forward+backward, next to a dense SwiGLU over the same T*K rows
   attention   blocked attention with 128- and 64-row tiles, one document per row and
-              64-token documents (and one 2048-token row), forward and forward+backward
+              64-token documents (and one 2048-token row), forward and forward+backward,
+              by default (the unrolled path where it is chosen) and by the loops only
   sort        the expert sort of the T*K token copies: stable argsort against
               `reference.stable_order_of_small_keys` (one packed int32 sort)
   overflow    the capacity backend's overflow loop: blocks of R rows, each with its
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import time
 from typing import Callable
@@ -39,7 +41,7 @@ import numpy as np
 
 from emo_jax.accelcheck.timing import time_call
 from emo_jax.kernels import capacity, reference
-from emo_jax.kernels.attention_blocked import blocked_attention
+from emo_jax.kernels.attention_blocked import UNROLL_QUERY_BLOCKS, blocked_attention
 from emo_jax.model.layers import project
 from emo_jax.moe import route_tokens
 
@@ -214,13 +216,15 @@ def attention(repeats: int) -> None:
             documents.append(("64 tokens", jnp.asarray(np.repeat(np.arange(1, s // 64 + 1), 64)[None].repeat(b, 0),
                                                        jnp.int32)))
         for docs, seg in documents:
-            for tile in (128, 64):
-                fn = functools.partial(blocked_attention, block_q=tile, block_k=tile)
-                rows.append((shape, docs, tile, median_ms(fn, q, k, v, seg, repeats=repeats),
+            paths = [("default", UNROLL_QUERY_BLOCKS)] + ([("loops", 0)] if shape != "S 2048" else [])
+            for tile, (path, unroll) in itertools.product((128, 64), paths):
+                fn = functools.partial(blocked_attention, block_q=tile, block_k=tile, unroll_blocks=unroll)
+                rows.append((shape, docs, tile, path, median_ms(fn, q, k, v, seg, repeats=repeats),
                              median_ms(lambda q, k, v, seg, c, fn=fn: grad_of_all(
                                  lambda q, k, v: fn(q, k, v, seg), 3)(q, k, v, c), q, k, v, seg, cot,
                                  repeats=repeats)))
-    table("blocked attention, ms per layer", ("shape", "documents", "tile", "forward", "forward+backward"), rows)
+    table("blocked attention, ms per layer (default: the unrolled path when it is chosen, docs/attention.md)",
+          ("shape", "documents", "tile", "path", "forward", "forward+backward"), rows)
 
 
 def torch_pieces(repeats: int) -> None:
