@@ -120,12 +120,13 @@ def test_first_occurrence_and_block_starts_match_brute_force():
     np.testing.assert_array_equal(lo, first.reshape(4, 5, 8).min(axis=(0, 2)) // 4)
 
 
-def test_blocked_skips_blocks_above_diagonal_and_before_documents():
+@pytest.mark.parametrize("unroll", [0, None])
+def test_blocked_skips_blocks_above_diagonal_and_before_documents(unroll):
     """The loops never read keys and values in blocks that no query of a block can see:
     NaN there (which a visited-but-masked tile would spread through p @ v) leaves the
-    output and the gradients finite and equal to the reference on clean inputs. (The
-    unrolled path reads the earlier documents' blocks; it runs only when the loops would
-    visit nearly all of them anyway.)"""
+    output and the gradients finite and equal to the reference on clean inputs. With
+    unroll=None (the default cap, 4 query blocks here) the run-time choice takes the
+    loops: two 32-token documents per row visit 6 of the 10 causal tiles."""
     seq, block = 64, 16
     seg = np.ones((2, seq), np.int32)
     seg[:, 32:] = 2  # both rows: documents [0, 32) and [32, 64)
@@ -133,7 +134,8 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents():
     # Query block 3 (rows 48..63, document 2) must skip key blocks 0 and 1 (document 1).
     poisoned_k = k.at[:, :32].set(jnp.nan)
     poisoned_v = v.at[:, :32].set(jnp.nan)
-    fn = jax.jit(lambda q, k, v: blocked_attention(q, k, v, jnp.asarray(seg), block, block, 0))
+    extra = () if unroll is None else (unroll,)
+    fn = jax.jit(lambda q, k, v: blocked_attention(q, k, v, jnp.asarray(seg), block, block, *extra))
     out = np.asarray(fn(q, poisoned_k, poisoned_v))
     expected = np.asarray(attn.reference_attention(q, k, v, jnp.asarray(seg)))
     np.testing.assert_allclose(out[:, 32:], expected[:, 32:], atol=ATOL, rtol=0)
@@ -142,6 +144,51 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents():
     np.testing.assert_allclose(np.asarray(late)[:, :48], expected[:, :48], atol=ATOL, rtol=0)
     grads = jax.grad(lambda k, v: jnp.sum(fn(q, k, v)[:, 32:]), argnums=(0, 1))(poisoned_k, poisoned_v)
     assert all(np.isfinite(np.asarray(g[:, 32:])).all() for g in grads)
+
+
+def test_unrolled_path_runs_in_both_passes_when_chosen(monkeypatch):
+    """Which branch runs, seen through NaN in the first document's keys: the unrolled
+    path reads the whole key prefix (masked), so NaN there reaches the second
+    document's outputs and its query gradients; the loops (the previous test) skip it.
+    A forward or a backward that fell back to the loops would stay finite here."""
+    monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.0)  # always unrolled when eligible
+    seq, block = 64, 16
+    seg = np.ones((2, seq), np.int32)
+    seg[:, 32:] = 2
+    q, k, v = qkv(3, 2, seq)
+    poisoned_k = k.at[:, :32].set(jnp.nan)
+    fn = jax.jit(lambda q, k: blocked_attention(q, k, v, jnp.asarray(seg), block, block))
+    assert not np.isfinite(np.asarray(fn(q, poisoned_k))[:, 32:]).all()
+    # The backward, given the clean forward's output and log-sum-exp: only the unrolled
+    # backward recomputes scores against the poisoned keys.
+    tiles = attention_blocked._Tiles(seq, block, block)
+    qs, kh, vh, _ = attention_blocked._heads(q, k, v, tiles)
+    padded_seg, lo = attention_blocked._segments(jnp.asarray(seg), tiles)
+    unroll = attention_blocked.UNROLL_QUERY_BLOCKS
+    out, lse = attention_blocked._attend(qs, kh, vh, padded_seg, lo, tiles, unroll)
+    dq, _, _ = attention_blocked._attend_grads(qs, kh.at[:, :, :32].set(jnp.nan), vh, padded_seg, lo, out, lse,
+                                               jnp.ones_like(out), tiles, unroll)
+    assert not np.isfinite(np.asarray(dq)[:, :, 32:]).all()
+    monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.8)  # the default: loops for this layout
+    dq, _, _ = attention_blocked._attend_grads(qs, kh.at[:, :, :32].set(jnp.nan), vh, padded_seg, lo, out, lse,
+                                               jnp.ones_like(out), tiles, unroll)
+    assert np.isfinite(np.asarray(dq)[:, :, 32:]).all()
+
+
+def test_default_choice_on_packed_documents_matches_reference():
+    """Every row packed with short documents and S within the cap: the run-time choice
+    takes the loops branch of the cond (the other tests' layouts take the unrolled one),
+    and its forward and gradients equal the reference."""
+    seq = 64
+    seg = np.repeat(np.arange(1, 9), 8)[None].repeat(3, 0).astype(np.int32)  # eight 8-token documents
+    seg[1, -3:] = 0  # padding
+    seg[2] = np.repeat(np.arange(1, 5), 16)  # lo = [0, 1, 2, 3]: 4 of the 10 causal tiles
+    tiles = attention_blocked._Tiles(seq, 16, 16)
+    _, lo = attention_blocked._segments(jnp.asarray(seg), tiles)
+    assert not bool(attention_blocked._use_unrolled(lo, tiles))
+    q, k, v = qkv(11, 3, seq)
+    fn = lambda q, k, v, s: blocked_attention(q, k, v, s, 16, 16)  # noqa: E731
+    assert_matches_reference(fn, q, k, v, seg)
 
 
 def _temp_bytes(seq: int, kernel) -> int:

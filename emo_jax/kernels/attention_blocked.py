@@ -174,10 +174,9 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
             dq_i, dk, dv = carry
             k_start = j * bk
             s, visible, k_j, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, k_start, bk)
-            # The mask as an additive 0 / -inf bias (exp(-inf) = 0, the same values as a
-            # select after the exp): XLA:CPU fuses it into one pass, 8% off the backward
-            # at S2 (BUILD_NOTES.md, "Sixth session").
-            p = jnp.exp(s + jnp.where(visible, 0.0, -jnp.inf) - lse_i[..., None])
+            # A select, not an additive -inf bias: a masked score that is NaN (NaN in a
+            # padding token's key) must give p = 0, not NaN (NaN + -inf = NaN).
+            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
             dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
             ds = p * (dp - delta_i[..., None])
             dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j)
@@ -202,7 +201,9 @@ def _prefix_tile(q_i: Array, seg_q: Array, q_start: int, k: Array, seg: Array) -
     n = q_start + q_i.shape[2]
     s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k[:, :, :n])
     visible = _tile_mask(seg_q, seg[:, :n], jnp.int32(q_start), jnp.int32(0))
-    return s + jnp.where(visible, 0.0, -jnp.inf)  # additive: one fused pass on XLA:CPU
+    # Additive (one fused pass on XLA:CPU): a NaN score stays NaN even where masked,
+    # which the loops' selects avoid; this path reads the whole prefix anyway.
+    return s + jnp.where(visible, 0.0, -jnp.inf)
 
 
 def _forward_unrolled(q: Array, k: Array, v: Array, seg: Array, tiles: _Tiles) -> tuple[Array, Array]:
