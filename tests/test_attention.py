@@ -120,6 +120,13 @@ def test_first_occurrence_and_block_starts_match_brute_force():
     np.testing.assert_array_equal(lo, first.reshape(4, 5, 8).min(axis=(0, 2)) // 4)
 
 
+def two_documents():
+    """Two rows of S = 64, each documents [0, 32) and [32, 64), with q, k, v [2, 64, 2, 8]."""
+    seg = np.ones((2, 64), np.int32)
+    seg[:, 32:] = 2
+    return seg, *qkv(3, 2, 64)
+
+
 @pytest.mark.parametrize("unroll", [0, None])
 def test_blocked_skips_blocks_above_diagonal_and_before_documents(unroll):
     """The loops never read keys and values in blocks that no query of a block can see:
@@ -127,10 +134,8 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents(unroll):
     output and the gradients finite and equal to the reference on clean inputs. With
     unroll=None (the default cap, 4 query blocks here) the run-time choice takes the
     loops: two 32-token documents per row visit 6 of the 10 causal tiles."""
-    seq, block = 64, 16
-    seg = np.ones((2, seq), np.int32)
-    seg[:, 32:] = 2  # both rows: documents [0, 32) and [32, 64)
-    q, k, v = qkv(3, 2, seq)
+    block = 16
+    seg, q, k, v = two_documents()
     # Query block 3 (rows 48..63, document 2) must skip key blocks 0 and 1 (document 1).
     poisoned_k = k.at[:, :32].set(jnp.nan)
     poisoned_v = v.at[:, :32].set(jnp.nan)
@@ -152,27 +157,27 @@ def test_unrolled_path_runs_in_both_passes_when_chosen(monkeypatch):
     document's outputs and its query gradients; the loops (the previous test) skip it.
     A forward or a backward that fell back to the loops would stay finite here."""
     monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.0)  # always unrolled when eligible
-    seq, block = 64, 16
-    seg = np.ones((2, seq), np.int32)
-    seg[:, 32:] = 2
-    q, k, v = qkv(3, 2, seq)
+    block = 16
+    seg, q, k, v = two_documents()
     poisoned_k = k.at[:, :32].set(jnp.nan)
     fn = jax.jit(lambda q, k: blocked_attention(q, k, v, jnp.asarray(seg), block, block))
     assert not np.isfinite(np.asarray(fn(q, poisoned_k))[:, 32:]).all()
     # The backward, given the clean forward's output and log-sum-exp: only the unrolled
     # backward recomputes scores against the poisoned keys.
-    tiles = attention_blocked._Tiles(seq, block, block)
+    tiles = attention_blocked._Tiles(q.shape[1], block, block)
     qs, kh, vh, _ = attention_blocked._heads(q, k, v, tiles)
     padded_seg, lo = attention_blocked._segments(jnp.asarray(seg), tiles)
     unroll = attention_blocked.UNROLL_QUERY_BLOCKS
     out, lse = attention_blocked._attend(qs, kh, vh, padded_seg, lo, tiles, unroll)
-    dq, _, _ = attention_blocked._attend_grads(qs, kh.at[:, :, :32].set(jnp.nan), vh, padded_seg, lo, out, lse,
-                                               jnp.ones_like(out), tiles, unroll)
-    assert not np.isfinite(np.asarray(dq)[:, :, 32:]).all()
+
+    def second_document_dq():  # from keys with NaN in the first document
+        dq, _, _ = attention_blocked._attend_grads(qs, kh.at[:, :, :32].set(jnp.nan), vh, padded_seg, lo, out, lse,
+                                                   jnp.ones_like(out), tiles, unroll)
+        return np.asarray(dq)[:, :, 32:]
+
+    assert not np.isfinite(second_document_dq()).all()
     monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.8)  # the default: loops for this layout
-    dq, _, _ = attention_blocked._attend_grads(qs, kh.at[:, :, :32].set(jnp.nan), vh, padded_seg, lo, out, lse,
-                                               jnp.ones_like(out), tiles, unroll)
-    assert np.isfinite(np.asarray(dq)[:, :, 32:]).all()
+    assert np.isfinite(second_document_dq()).all()
 
 
 def test_default_choice_on_packed_documents_matches_reference():

@@ -262,21 +262,25 @@ def _use_unrolled(lo: Array, tiles: _Tiles) -> Array:
     return jnp.sum(hi - lo + 1) >= UNROLL_MIN_VISITED * jnp.sum(hi + 1)
 
 
+def _by_path(lo: Array, tiles: _Tiles, unroll_blocks: int, unrolled, loops):
+    """loops() when the sequence has more than `unroll_blocks` query blocks, else
+    whichever of unrolled() and loops() `_use_unrolled` picks (one runs). The forward
+    and the backward both choose here, from the same `lo`, so they take the same path."""
+    if tiles.n_q > unroll_blocks:
+        return loops()
+    return jax.lax.cond(_use_unrolled(lo, tiles), unrolled, loops)
+
+
 def _attend(qs, kh, vh, seg, lo, tiles: _Tiles, unroll_blocks: int):
     """(out, lse) by the loops, or by the unrolled path when eligible and worth it."""
-    if tiles.n_q > unroll_blocks:
-        return _forward(qs, kh, vh, seg, lo, tiles)
-    return jax.lax.cond(_use_unrolled(lo, tiles), lambda: _forward_unrolled(qs, kh, vh, seg, tiles),
-                        lambda: _forward(qs, kh, vh, seg, lo, tiles))
+    return _by_path(lo, tiles, unroll_blocks, lambda: _forward_unrolled(qs, kh, vh, seg, tiles),
+                    lambda: _forward(qs, kh, vh, seg, lo, tiles))
 
 
 def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_blocks: int):
     """The backward of `_attend`, by the path its forward took."""
-    if tiles.n_q > unroll_blocks:
-        return _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles)
-    return jax.lax.cond(_use_unrolled(lo, tiles),
-                        lambda: _backward_unrolled(qs, kh, vh, seg, out, lse, d_out, tiles),
-                        lambda: _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles))
+    return _by_path(lo, tiles, unroll_blocks, lambda: _backward_unrolled(qs, kh, vh, seg, out, lse, d_out, tiles),
+                    lambda: _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
