@@ -105,12 +105,23 @@ def top_p_logits(logits: Array, top_p: Array) -> Array:
 
 def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
     """Next token per row: argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted to the top-p nucleus. f32[B, V] -> i32[B]."""
+    softmax(logits / temperature) restricted to the top-p nucleus. f32[B, V] -> i32[B].
+
+    temperature and top_p may be traced scalars: `lax.cond` then runs only the branch
+    they pick. Greedy decoding pays for an argmax only, and top_p == 1 skips the
+    nucleus's sort over the vocabulary. Computing the draw and discarding it cost
+    ~14 ms of a ~15 ms decode step at issue 16's S1 shape on CPU (BUILD_NOTES.md)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    sampled = jax.random.categorical(key, top_p_logits(scaled, top_p), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        nucleus = jax.lax.cond(top_p < 1, lambda s: top_p_logits(s, top_p), lambda s: s, scaled)
+        return jax.random.categorical(key, nucleus, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, greedy, logits)
 
 
 @functools.lru_cache(maxsize=8)
