@@ -94,13 +94,30 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
 
 def top_p_logits(logits: Array, top_p: Array) -> Array:
     """Logits outside the nucleus set to -inf: keep the most likely tokens until their
-    probability mass reaches top_p (always at least the most likely). f32[B, V]."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = -jnp.sort(-probs, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(probs >= cutoff, logits, -jnp.inf)
+    probability mass reaches top_p (always at least the most likely). f32[B, V].
+
+    A token is kept iff the tokens strictly more likely than it hold less than top_p
+    of the mass (tied tokens are kept or dropped together). The cutoff is found by
+    bisection over the bit patterns of the probabilities (non-negative float32 order
+    as int32): 32 masked sums over [B, V] instead of a sort of the vocabulary, which
+    takes ~22 ms for [16, 8192] on XLA:CPU against ~1.5 ms (BUILD_NOTES.md)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, ordered as probs
+
+    def mass_above(b: Array) -> Array:  # i32[B] -> f32[B]: mass of tokens whose bits exceed b
+        return jnp.sum(jnp.where(bits > b[:, None], probs, 0.0), axis=-1)
+
+    # Smallest b with mass_above(b) < top_p: mass_above(hi) < top_p always (hi = max
+    # bits: nothing above), and it is non-increasing in b.
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        below = mass_above(mid) < top_p
+        return jnp.where(below, lo, mid + 1), jnp.where(below, mid, hi)
+
+    hi = jnp.max(bits, axis=-1)
+    cut, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi))
+    return jnp.where(bits >= cut[:, None], logits, -jnp.inf)
 
 
 def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,6 +107,36 @@ def test_top_p_and_temperature():
     assert int(sample_token(logits_, key, 0.0, 1.0)[0]) == 0  # temperature 0: greedy
     draws = [int(sample_token(logits_, jax.random.fold_in(key, i), 1.0, 0.7)[0]) for i in range(40)]
     assert set(draws) == {0, 1}
+
+
+def _nucleus_by_sorting(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The nucleus by its definition, in float64: sort, and keep the tokens whose
+    strictly more likely tokens hold less than top_p (ties kept together)."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    kept = np.zeros(probs.shape, bool)
+    for row, p in enumerate(probs):
+        for i, value in enumerate(p):
+            kept[row, i] = p[p > value].sum() < top_p
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.99, 1.0])
+def test_top_p_bisection_equals_the_sorted_nucleus(top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 300)).astype(np.float32) * 2
+    logits[1] = np.round(logits[1])  # many ties
+    logits[2, :] = 0.0  # all tied: everything or (top_p < 1) still everything
+    logits[3, 5:] = -np.inf  # masked tokens stay out
+    kept = np.isfinite(np.asarray(top_p_logits(jnp.asarray(logits), top_p)))
+    expected = _nucleus_by_sorting(logits.astype(np.float64), top_p)
+    if top_p < 1.0:  # float32 vs float64 sums: a token whose strictly-above mass is within rounding of top_p
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        above = np.array([[p[p > v].sum() for v in p] for p in probs])
+        borderline = np.abs(above - top_p) < 1e-5
+        kept, expected = kept[~borderline], expected[~borderline]
+    np.testing.assert_array_equal(kept, expected)
 
 
 def test_clear_errors():
