@@ -2,6 +2,7 @@
 
   bash -c 'source launch/allocator.sh; emo_preload_allocator; PYTHONPATH=. JAX_PLATFORMS=cpu \\
       .venv/bin/python benchmarks/bench_generate.py'      (S1 and S2, about a minute)
+  ... benchmarks/bench_generate.py --batch 1 0           (one prompt, then the shape's batch)
 
 Shapes and weights are `bench_vs_torch.py`'s (issue 16's S1 and S2, random init, standard
 routing: generation never uses a document pool), prompts of --prompt-len tokens, batch as
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, nargs="+", default=[0],
+                        help="prompts per call; 0 = the shape's batch (several: one table row set each)")
     args = parser.parse_args()
     print(f"emo_jax.generate; jax {jax.__version__} on {jax.default_backend()}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; median of {args.repeats} calls")
@@ -58,17 +61,24 @@ def main() -> None:
         config = emo_config(shape, pooled=False, extra_positions=args.prompt_len + args.new_tokens)
         params = init_train_state(build_model(config), make_optimizer(config.optimizer, 10), config,
                                   jax.random.PRNGKey(0)).params
-        prompts = [list(map(int, row)) for row in np.asarray(batches(shape)[0]["inputs"])[:, :args.prompt_len]]
-        print(f"\n=== {shape}: batch {len(prompts)}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-        print(f"{'mode':16s} {'call ms':>9s} {'tokens/s':>9s} {'ms / decode step':>17s}")
-        for mode, (temperature, top_p) in MODES.items():
-            def call(n):
-                sampling = SamplingConfig(max_new_tokens=n, temperature=temperature, top_p=top_p, eos_id=None)
-                return lambda: generate(config, params, prompts, sampling)
-            whole = median_seconds(call(args.new_tokens), args.repeats)
-            one = median_seconds(call(1), args.repeats)
-            step = (whole - one) / max(1, args.new_tokens - 1)
-            print(f"{mode:16s} {whole * 1e3:9.1f} {len(prompts) * args.new_tokens / whole:9.0f} {step * 1e3:17.2f}")
+        rows = [list(map(int, row)) for row in np.asarray(batches(shape)[0]["inputs"])[:, :args.prompt_len]]
+        for batch in args.batch:
+            prompts = rows[:batch or len(rows)]
+            print(f"\n=== {shape}: batch {len(prompts)}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+            table(config, params, prompts, args)
+
+
+def table(config, params, prompts, args) -> None:
+    """One row per sampling mode: the whole call, tokens/s, and ms per decode step."""
+    print(f"{'mode':16s} {'call ms':>9s} {'tokens/s':>9s} {'ms / decode step':>17s}")
+    for mode, (temperature, top_p) in MODES.items():
+        def call(n):
+            sampling = SamplingConfig(max_new_tokens=n, temperature=temperature, top_p=top_p, eos_id=None)
+            return lambda: generate(config, params, prompts, sampling)
+        whole = median_seconds(call(args.new_tokens), args.repeats)
+        one = median_seconds(call(1), args.repeats)
+        step = (whole - one) / max(1, args.new_tokens - 1)
+        print(f"{mode:16s} {whole * 1e3:9.1f} {len(prompts) * args.new_tokens / whole:9.0f} {step * 1e3:17.2f}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from emo_jax import routing
 from emo_jax import kernels
 from emo_jax.kernels import reference
+from emo_jax.kernels.gathered import moe_ffn_gathered, use_gathered
 
 Array = jax.Array
 
@@ -98,8 +99,10 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     None (standard MoE); w_router: f32[D, N]; w_gate, w_up: [E, D, H]; w_down: [E, H, D]
     with experts N..E-1 shared; w_shared_router: f32[D, n_s] for n_s >= 2 (their softmax
     weights), else None (weight 1). Returns (y [B, S, D], stats summed over these tokens).
-    The routed experts go through `ffn` (dispatch, grouped SwiGLU, combine); the shared
-    experts are a dense SwiGLU over every token (`shared_experts_ffn`), added after.
+    The routed experts go through `ffn` (dispatch, grouped SwiGLU, combine), or, when
+    the call has fewer token copies than routed experts, through
+    `kernels.gathered.moe_ffn_gathered`; the shared experts are a dense SwiGLU over
+    every token (`shared_experts_ffn`), added after.
     """
     batch, seq, d_model = x.shape
     chex.assert_equal_shape([w_gate, w_up])
@@ -111,7 +114,11 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     k = ids.shape[-1]
     n_routed = w_router.shape[-1]
     tokens, valid = x.reshape(-1, d_model), (segment_ids > 0).reshape(-1)
-    # Routed experts through dispatch; the shared ones densely, next to it.
+    # Routed experts through dispatch; the shared ones densely, next to it. A call with
+    # fewer copies than experts (a decode step) gathers each copy's expert weights
+    # instead of reading all of them (emo_jax/kernels/gathered.py).
+    if use_gathered(tokens.shape[0] * k, n_routed):
+        ffn = moe_ffn_gathered
     y = ffn(tokens, ids.reshape(-1, k), gates.reshape(-1, k), valid,
             w_gate[:n_routed], w_up[:n_routed], w_down[:n_routed])
     if n_shared:
