@@ -156,7 +156,8 @@ def token_ffn_table(x, tok, ids, gates, wg, wu, wd, ct, ct_tok, rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="S2")
-    parser.add_argument("--routing", choices=["uniform", "moderate", "skewed"], nargs="+", default=["uniform", "moderate", "skewed"])
+    parser.add_argument("--routing", choices=["uniform", "moderate", "skewed"], nargs="+",
+                        default=["uniform", "moderate", "skewed"])
     parser.add_argument("--tables", choices=["sorted", "tokens"], nargs="+", default=["sorted", "tokens"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ragged", action="store_true", help="also time ragged_dot (E x the work on CPU)")
