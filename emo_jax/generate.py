@@ -1,8 +1,9 @@
 """Autoregressive decoding with a KV cache: greedy, temperature and top-p sampling.
 
 Works for full and pruned models alike (the cache depends on attention shapes only).
-One `jit`-compiled function runs the prefill of the (right-padded) prompts and a
-`lax.scan` over the new tokens; each step feeds one token per row through the model
+One `jit`-compiled function runs the prefill of the (right-padded) prompts through the
+model's attention kernel (no [B, 1, S, T] cache mask: memory linear in the prompt), and
+a `lax.scan` over the new tokens; each step feeds one token per row through the model
 with the cache (emo_jax.model.kv_cache).
 
 Routing during generation is HF-style inference: every token takes top-k_r over all
@@ -26,7 +27,7 @@ import numpy as np
 
 from emo_jax.config import Config, KernelConfig, ModelConfig, RoutingConfig, replace
 from emo_jax.model import build_model
-from emo_jax.model.kv_cache import init_cache
+from emo_jax.model.kv_cache import extend
 
 Array = jax.Array
 
@@ -150,12 +151,14 @@ def _decode_fn(model_config: ModelConfig, routing_config: RoutingConfig, kernels
 
     def run(params, tokens, lengths, key, temperature, top_p, eos_id, pad_id):
         batch, prompt_len = tokens.shape
-        cache = init_cache(config.model, batch, prompt_len + max_new_tokens)
         index = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
         segment_ids = (index < lengths[:, None]).astype(jnp.int32)
         positions = jnp.broadcast_to(index, tokens.shape)
-        (logits, _), state = model.apply({"params": params, "cache": cache}, tokens, segment_ids, positions,
+        # Prefill through the model's attention kernel (no cache mask); the cache it
+        # returns holds the prompts, then gets the slots of the new tokens (kv_cache).
+        (logits, _), state = model.apply({"params": params}, tokens, segment_ids, positions,
                                          train=False, mutable=["cache"])
+        state = {"cache": extend(state["cache"], max_new_tokens)}
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
         def choose(last_logits, step_key, done):

@@ -18,7 +18,8 @@ class Attention(nn.Module):
     config: ModelConfig
     # (q, k, v, segment_ids) -> out, all [B, S, H, Dh]: the training / prefill kernel
     # (emo_jax.kernels.attention; config kernels.attention). Decoding with a KV cache
-    # attends over the cache instead.
+    # attends over the cache instead; a prefill (a mutable but empty 'cache' collection)
+    # uses this kernel and stores its keys and values as the cache.
     attention_fn: AttentionFn = reference_attention
 
     @nn.compact
@@ -46,6 +47,10 @@ class Attention(nn.Module):
                 self.put_variable("cache", name, value)
         else:
             out = self.attention_fn(q, k, v, segment_ids)
+            if self.is_mutable_collection("cache"):
+                # Prefill (emo_jax.model.kv_cache): the cache starts as these tokens' keys and values.
+                for name, value in kv_cache.prefill_entries(k.astype(dtype), v.astype(dtype), segment_ids).items():
+                    self.put_variable("cache", name, value)
         w_o = param_with_axes(self, "o_proj", init, (cfg.n_heads, cfg.head_dim, cfg.d_model), pdtype,
                               ("heads", "head_dim", "embed"))
         return project(out, w_o.astype(dtype), contract=2)

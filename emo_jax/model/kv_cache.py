@@ -9,6 +9,13 @@ first generated token overwrites the first of them.
 
 Attention switches to this path when the model is applied with a 'cache'
 collection: `model.apply({'params': p, 'cache': c}, ..., mutable=['cache'])`.
+
+Prefill without the cache mask: applied with `mutable=['cache']` but no cache, the
+model runs the prompt through its training attention kernel (blocked, splash or flash:
+no [B, 1, S, T] mask, memory linear in the prompt) and returns a cache holding exactly
+the prompt's keys and values (`prefill_entries`); `extend` then appends the empty slots
+the decoding needs. Such a call must start every row at position 0 (right-padded
+prompts, positions 0..S-1), as `emo_jax.generate` does.
 """
 
 from __future__ import annotations
@@ -32,6 +39,20 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
     return {f"layer_{layer}": {"attention": {
         "key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype),
         "valid": jnp.zeros((batch, length), bool)}} for layer in range(config.n_layers)}
+
+
+def prefill_entries(k: Array, v: Array, segment_ids: Array) -> dict:
+    """A layer's cache holding exactly a prompt that starts at position 0: k, v
+    [B, S, H, Dh]; segment_ids i32[B, S] (0 = padding, stored as invalid)."""
+    return {"key": k, "value": v, "valid": segment_ids > 0}
+
+
+def extend(cache: dict, extra: int) -> dict:
+    """Every layer's cache with `extra` empty (invalid) slots appended: [B, T, ...] ->
+    [B, T + extra, ...]."""
+    def pad(x: Array) -> Array:
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    return jax.tree.map(pad, cache)
 
 
 def write(cache: Array, new: Array, positions: Array) -> Array:
