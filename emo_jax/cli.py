@@ -153,7 +153,7 @@ def _memory(args) -> int:
     counts = config.model.expert_counts  # a pruned model: its own (uniform) count as well
     experts = tuple(args.experts or dict.fromkeys((config.model.n_experts, max(counts), min(counts))))
     rows = memory_rows(config.model, experts, args.batch, args.seq_len or config.model.max_seq_len,
-                       args.weight_dtype)
+                       args.weight_dtype, config.kernels.attention)
     print(format_table(config.name, rows, args.batch, args.seq_len or config.model.max_seq_len, args.weight_dtype))
     return 0
 

@@ -6,13 +6,15 @@ one token needs far less activation memory) is
   peak = weights + KV cache + max(largest per-layer transient, LM-head logits)
          + the residual stream,
 
-with the transients of the code as written: attention through
-`jax.nn.dot_product_attention` with its XLA lowering, which materialises the float32
-scores and probabilities [B, H, S, S]; the dropless MoE's sorted token copies
-[B*S*k, D] and expert hiddens [B*S*k, H_e] (gate, up, their product); logits [B, S, V]
-in float32. A fused (flash) attention kernel would drop the S x S term. Allocator
-slack, XLA temporaries and the compiled program are not counted, so a measured peak
-is higher by a few percent.
+with the transients of the code as written: attention with a fused kernel (config
+`kernels.attention` auto, blocked, splash or flash_gpu; `generate` runs the prompt
+through it too) keeps q, k, v, its output and a float32 accumulator [B, S, H, Dh] with
+two float32 row statistics [B, H, S], and its tiles, which are not counted; the
+`reference` kernel (`jax.nn.dot_product_attention` with its XLA lowering) materialises
+the float32 scores and probabilities [B, H, S, S] instead; the dropless MoE's sorted
+token copies [B*S*k, D] and expert hiddens [B*S*k, H_e] (gate, up, their product);
+logits [B, S, V] in float32. Allocator slack, XLA temporaries and the compiled program
+are not counted, so a measured peak is higher by a few percent.
 """
 
 from __future__ import annotations
@@ -45,12 +47,18 @@ def kv_cache_bytes(m: ModelConfig, batch: int, seq_len: int, dtype_bytes: int) -
     return 2 * m.n_layers * batch * seq_len * m.n_heads * m.head_dim * dtype_bytes
 
 
-def activation_bytes(m: ModelConfig, batch: int, seq_len: int, dtype_bytes: int, max_experts: int) -> int:
-    """Largest transient of one forward pass plus the residual stream (see module doc)."""
+def activation_bytes(m: ModelConfig, batch: int, seq_len: int, dtype_bytes: int, max_experts: int,
+                     attention_kernel: str = "auto") -> int:
+    """Largest transient of one forward pass plus the residual stream (see module doc);
+    `attention_kernel` as config `kernels.attention` (only "reference" is quadratic)."""
     tokens = batch * seq_len
     copies = tokens * m.top_k
+    if attention_kernel == "reference":
+        scores = 2 * batch * m.n_heads * seq_len * seq_len * 4  # f32 scores and probabilities
+    else:
+        scores = tokens * m.n_heads * m.head_dim * 4 + 2 * batch * m.n_heads * seq_len * 4  # f32 accumulator, stats
     attention = (3 * tokens * m.n_heads * m.head_dim * dtype_bytes  # q, k, v
-                 + 2 * batch * m.n_heads * seq_len * seq_len * 4  # f32 scores and probabilities
+                 + scores
                  + tokens * m.n_heads * m.head_dim * dtype_bytes)  # output
     moe = (2 * copies * m.d_model * dtype_bytes  # sorted copies in and out
            + 3 * copies * m.expert_hidden * dtype_bytes  # gate, up, silu(gate) * up
@@ -74,14 +82,14 @@ class MemoryRow:
 
 
 def memory_rows(m: ModelConfig, expert_options: tuple[int, ...], batch: int, seq_len: int,
-                weight_dtype: str = "bfloat16") -> list[MemoryRow]:
+                weight_dtype: str = "bfloat16", attention_kernel: str = "auto") -> list[MemoryRow]:
     """One row per uniform expert count (e.g. 128 full, 32 and 16 kept experts per layer)."""
     weight_bytes, act_bytes = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[m.dtype]
     rows = []
     for e in expert_options:
         n = param_count(m, (e,) * m.n_layers)
         rows.append(MemoryRow(e, n, n * weight_bytes, kv_cache_bytes(m, batch, seq_len, act_bytes),
-                              activation_bytes(m, batch, seq_len, act_bytes, e)))
+                              activation_bytes(m, batch, seq_len, act_bytes, e, attention_kernel)))
     return rows
 
 

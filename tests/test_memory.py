@@ -19,16 +19,21 @@ def test_activation_bytes_of_the_released_model_by_hand():
     """EMO-1B14B prefill of 1 x 4096 tokens in bf16, term by term from the module doc."""
     m = load_config(ROOT / "configs" / "emo_1b14b.yaml").model
     t, heads, hd, d, k, he, v = 4096, 16, 128, 2048, 8, 1024, 100352
-    attention = 3 * t * heads * hd * 2 + 2 * heads * t * t * 4 + t * heads * hd * 2  # q,k,v + f32 S x S + out
+    qkv_out = 3 * t * heads * hd * 2 + t * heads * hd * 2
+    attention = qkv_out + 2 * heads * t * t * 4  # reference kernel: f32 S x S scores and probabilities
+    fused = qkv_out + t * heads * hd * 4 + 2 * heads * t * 4  # f32 accumulator and row statistics
     moe = 2 * t * k * d * 2 + 3 * t * k * he * 2 + 2 * t * 127 * 4
     logits = t * v * (2 + 4)
     residual = 2 * t * d * 4
-    assert logits > attention > moe  # the LM head's logits dominate at this vocabulary
+    assert logits > attention > moe > fused  # the LM head's logits dominate at this vocabulary
+    assert memory.activation_bytes(m, 1, t, 2, 128, "reference") == logits + residual
     assert memory.activation_bytes(m, 1, t, 2, 128) == logits + residual
-    # Long rows: the S x S attention scores take over (quadratic in S).
+    # Long rows: with the reference kernel the S x S scores take over (quadratic in S);
+    # a fused kernel stays linear, and the logits stay the largest term.
     t2 = 4 * t
     attention2 = 3 * t2 * heads * hd * 2 + 2 * heads * t2 * t2 * 4 + t2 * heads * hd * 2
-    assert memory.activation_bytes(m, 1, t2, 2, 128) == attention2 + 2 * t2 * d * 4
+    assert memory.activation_bytes(m, 1, t2, 2, 128, "reference") == attention2 + 2 * t2 * d * 4
+    assert memory.activation_bytes(m, 1, t2, 2, 128, "blocked") == 4 * (logits + residual)
 
 
 def test_activation_bytes_scaling():

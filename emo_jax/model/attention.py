@@ -47,7 +47,7 @@ class Attention(nn.Module):
                 self.put_variable("cache", name, value)
         else:
             out = self.attention_fn(q, k, v, segment_ids)
-            if self.is_mutable_collection("cache"):
+            if self.is_mutable_collection("cache") and not self.is_initializing():
                 # Prefill (emo_jax.model.kv_cache): the cache starts as these tokens' keys and values.
                 for name, value in kv_cache.prefill_entries(k.astype(dtype), v.astype(dtype), segment_ids).items():
                     self.put_variable("cache", name, value)
