@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"peak": measure_one(args.config, args.measure_one, args.batch, args.seq_len)}))
         return 0
     config = load_config(args.config)
-    rows = memory_rows(config.model, tuple(args.experts), args.batch, args.seq_len, args.weight_dtype)
+    rows = memory_rows(config.model, tuple(args.experts), args.batch, args.seq_len, args.weight_dtype,
+                       config.kernels.attention)
     measured = {}
     if args.measure:
         for experts in args.experts:
