@@ -2,8 +2,8 @@
 
 Works for full and pruned models alike (the cache depends on attention shapes only).
 One `jit`-compiled function runs the prefill of the (right-padded) prompts through the
-model's attention kernel (no [B, 1, S, T] cache mask: memory linear in the prompt), and
-a `lax.scan` over the new tokens; each step feeds one token per row through the model
+model's attention kernel (no [B, 1, S, T] cache mask: with any kernel but `reference`,
+memory linear in the prompt), and a `lax.scan` over the new tokens; each step feeds one token per row through the model
 with the cache (emo_jax.model.kv_cache).
 
 Routing during generation is HF-style inference: every token takes top-k_r over all
@@ -95,18 +95,19 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
 
 def top_p_logits(logits: Array, top_p: Array) -> Array:
     """Logits outside the nucleus set to -inf: keep the most likely tokens until their
-    probability mass reaches top_p (always at least the most likely). f32[B, V].
+    probability mass reaches top_p (always at least the most likely). f32[..., V].
 
     A token is kept iff the tokens strictly more likely than it hold less than top_p
-    of the mass (tied tokens are kept or dropped together). The cutoff is found by
+    of the mass (tied tokens are kept or dropped together); top_p >= 1 keeps every
+    token (a float32 mass can round to 1 before the tail). The cutoff is found by
     bisection over the bit patterns of the probabilities (non-negative float32 order
-    as int32): 32 masked sums over [B, V] instead of a sort of the vocabulary, which
-    takes ~22 ms for [16, 8192] on XLA:CPU against ~1.5 ms (BUILD_NOTES.md)."""
+    as int32): 32 masked sums over the vocabulary instead of a sort, which takes
+    ~22 ms for [16, 8192] on XLA:CPU against ~0.8 ms (BUILD_NOTES.md)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # >= 0, ordered as probs
 
-    def mass_above(b: Array) -> Array:  # i32[B] -> f32[B]: mass of tokens whose bits exceed b
-        return jnp.sum(jnp.where(bits > b[:, None], probs, 0.0), axis=-1)
+    def mass_above(b: Array) -> Array:  # i32[...] -> f32[...]: mass of tokens whose bits exceed b
+        return jnp.sum(jnp.where(bits > b[..., None], probs, 0.0), axis=-1)
 
     # Smallest b with mass_above(b) < top_p: mass_above(hi) < top_p always (hi = max
     # bits: nothing above), and it is non-increasing in b.
@@ -118,7 +119,7 @@ def top_p_logits(logits: Array, top_p: Array) -> Array:
 
     hi = jnp.max(bits, axis=-1)
     cut, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi))
-    return jnp.where(bits >= cut[:, None], logits, -jnp.inf)
+    return jnp.where((bits >= cut[..., None]) | (top_p >= 1), logits, -jnp.inf)
 
 
 def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
@@ -127,8 +128,9 @@ def sample_token(logits: Array, key: Array, temperature: Array, top_p: Array) ->
 
     temperature and top_p may be traced scalars: `lax.cond` then runs only the branch
     they pick. Greedy decoding pays for an argmax only, and top_p == 1 skips the
-    nucleus's sort over the vocabulary. Computing the draw and discarding it cost
-    ~14 ms of a ~15 ms decode step at issue 16's S1 shape on CPU (BUILD_NOTES.md)."""
+    nucleus. Computing the draw and the nucleus (then a sort of the vocabulary) and
+    discarding them cost ~14 ms of a ~15 ms decode step at issue 16's S1 shape on CPU
+    (BUILD_NOTES.md)."""
     logits = logits.astype(jnp.float32)
 
     def greedy(logits):

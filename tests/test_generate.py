@@ -153,6 +153,14 @@ def test_eos_stops_a_row(model):
     assert list(stopped.tokens[0, 1:]) == [95] * (NEW - 1)
 
 
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    """At V = 100352 the float32 mass of all but the last tokens can round to >= 1;
+    top_p = 1 must still keep every finite logit."""
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(2, 100352)), jnp.float32)
+    assert bool(jnp.all(jnp.isfinite(top_p_logits(logits, 1.0))))
+    assert bool(jnp.all(jnp.isfinite(top_p_logits(logits, jnp.float32(1.0)))))
+
+
 def test_top_p_and_temperature():
     logits_ = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     kept = np.isfinite(np.asarray(top_p_logits(logits_, 0.7)))
@@ -185,6 +193,7 @@ def test_top_p_bisection_equals_the_sorted_nucleus(top_p):
     logits[3, 5:] = -np.inf  # masked tokens stay out
     kept = np.isfinite(np.asarray(top_p_logits(jnp.asarray(logits), top_p)))
     expected = _nucleus_by_sorting(logits.astype(np.float64), top_p)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(top_p_logits(jnp.asarray(logits[4]), top_p))), kept[4])
     if top_p < 1.0:  # float32 vs float64 sums: a token whose strictly-above mass is within rounding of top_p
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

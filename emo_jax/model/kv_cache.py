@@ -1,21 +1,23 @@
 """Key/value cache for incremental decoding, as plain arrays in a Flax 'cache' collection.
 
 Slot t of a row's cache holds the keys and values of the token at position t of that
-row (one document per row). A call writes its tokens' keys/values at their positions
-and attends to every valid slot at or before each query's position, so prefill
-(many tokens) and decoding (one token) are the same code. `valid` marks written,
-non-padding slots: a right-padded prompt leaves its padding slots invalid, and the
-first generated token overwrites the first of them.
+row (one document per row: segment ids only mark padding here). A call writes its
+tokens' keys/values at their positions and attends to every valid slot at or before
+each query's position, so many tokens and one token go through the same code.
+`valid` marks written, non-padding slots: a right-padded prompt leaves its padding
+slots invalid, and the first generated token overwrites the first of them.
 
 Attention switches to this path when the model is applied with a 'cache'
 collection: `model.apply({'params': p, 'cache': c}, ..., mutable=['cache'])`.
 
-Prefill without the cache mask: applied with `mutable=['cache']` but no cache, the
-model runs the prompt through its training attention kernel (blocked, splash or flash:
-no [B, 1, S, T] mask, memory linear in the prompt) and returns a cache holding exactly
-the prompt's keys and values (`prefill_entries`); `extend` then appends the empty slots
-the decoding needs. Such a call must start every row at position 0 (right-padded
-prompts, positions 0..S-1), as `emo_jax.generate` does.
+Prefill without the cache mask (what `emo_jax.generate` does): applied with
+`mutable=['cache']` but no cache, the model runs the prompt through its training
+attention kernel (blocked, splash or flash: no [B, 1, S, T] mask, memory linear in the
+prompt) and returns a cache holding exactly the prompt's keys and values
+(`prefill_entries`); `extend` then appends the empty slots the decoding needs. Such a
+call must hold one document per row starting at position 0 (right-padded prompts,
+positions 0..S-1, segment id 1 on every real token). Any apply with the 'cache'
+collection mutable (`mutable=True` included) and no cache returns such a cache.
 """
 
 from __future__ import annotations
