@@ -167,8 +167,9 @@ def test_top_p_and_temperature():
     assert kept.tolist() == [[True, True, False, False]]
     assert np.isfinite(np.asarray(top_p_logits(logits_, 1e-3))).sum() == 1  # always the best one
     key = jax.random.PRNGKey(0)
-    assert int(sample_token(logits_, key, 0.0, 1.0)[0]) == 0  # temperature 0: greedy
-    draws = [int(sample_token(logits_, jax.random.fold_in(key, i), 1.0, 0.7)[0]) for i in range(40)]
+    sample = jax.jit(sample_token)  # one compile for the 41 calls (each would trace both conds)
+    assert int(sample(logits_, key, 0.0, 1.0)[0]) == 0  # temperature 0: greedy
+    draws = [int(sample(logits_, jax.random.fold_in(key, i), 1.0, 0.7)[0]) for i in range(40)]
     assert set(draws) == {0, 1}
 
 

@@ -47,11 +47,13 @@ def _nnx_step(model, optimizer, batch, key):
 
 
 # Random document pools (EMO training), a fixed pool, a standard MoE with 2 shared experts,
-# and a pruned model (8 and 5 experts).
+# and a pruned model (8 and 5 experts). `EmoLM` wraps the one Linen model whatever the
+# routing, whose variants test_train_core.py, test_moe.py and test_parallel_train.py cover: the fixed pool
+# and the shared-expert variant (~25 s each to compile on 2 cores) run with -m slow.
 @pytest.mark.parametrize("overrides", [
     (),
-    ("routing.pool=fixed", "routing.pool_size=5"),
-    ("routing.pool=none", "model.n_shared_experts=2", "model.top_k=4"),
+    pytest.param(("routing.pool=fixed", "routing.pool_size=5"), marks=pytest.mark.slow),
+    pytest.param(("routing.pool=none", "model.n_shared_experts=2", "model.top_k=4"), marks=pytest.mark.slow),
     ("model.layer_experts=[8,5]",),
 ], ids=["random_pool", "fixed_pool", "stdmoe_2shared", "pruned"])
 def test_one_nnx_optimizer_step_equals_the_linen_train_step(overrides):
