@@ -3,8 +3,8 @@
 Works for full and pruned models alike (the cache depends on attention shapes only).
 One `jit`-compiled function runs the prefill of the (right-padded) prompts through the
 model's attention kernel (no [B, 1, S, T] cache mask: with any kernel but `reference`,
-memory linear in the prompt), and a `lax.scan` over the new tokens; each step feeds one token per row through the model
-with the cache (emo_jax.model.kv_cache).
+memory linear in the prompt), and a `lax.scan` over the new tokens; each step feeds
+one token per row through the model with the cache (emo_jax.model.kv_cache).
 
 Routing during generation is HF-style inference: every token takes top-k_r over all
 routed experts of its layer (plus the shared ones), i.e. `routing.eval_pool` is forced
