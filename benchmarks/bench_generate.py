@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -28,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_torch import SHAPES, batches, emo_config  # noqa: E402
 
+from emo_jax.accelcheck.timing import time_call  # noqa: E402
 from emo_jax.generate import SamplingConfig, generate  # noqa: E402
 from emo_jax.model import build_model  # noqa: E402
 from emo_jax.train.optimizer import make_optimizer  # noqa: E402
@@ -37,13 +36,8 @@ MODES = {"greedy": (0.0, 1.0), "t=1, top_p=1": (1.0, 1.0), "t=1, top_p=0.9": (1.
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median of `repeats` calls of fn() after one untimed call (compile)."""
+    return time_call(fn, (), repeats, cap_s=float("inf"), guard=False)["seconds"]
 
 
 def main() -> None:
