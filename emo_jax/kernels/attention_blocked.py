@@ -108,14 +108,39 @@ def _tile_mask(seg_q: Array, seg_k: Array, q_start: Array, k_start: Array) -> Ar
 
 
 def _key_tile(q_i: Array, seg_q: Array, q_start: Array, k: Array, v: Array, seg: Array, k_start: Array,
-              block_k: int) -> tuple[Array, Array, Array, Array]:
+              block_k: int) -> tuple[Array, Array, Array]:
     """The key tile at k_start against query tile q_i [B, H, bq, D]: (scores [B, H, bq, bk],
-    bool visibility [B, 1, bq, bk], k_j, v_j [B, H, bk, D])."""
+    bool visibility [B, 1, bq, bk], v_j [B, H, bk, D])."""
     k_j = jax.lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
     v_j = jax.lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
     seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
     s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
-    return s, _tile_mask(seg_q, seg_k, q_start, k_start), k_j, v_j
+    return s, _tile_mask(seg_q, seg_k, q_start, k_start), v_j
+
+
+def _key_major_scores(keys: Array, queries: Array) -> Array:
+    """keys [B, H, bk, D] . queries [B, H, bq, D] -> f32[B, H, bk, bq], a tile with keys as rows.
+
+    The backward works on key-major tiles because then dK = dS^T Q and dV = P^T dO are
+    plain row-major matmuls (`bhkq,bhqd->bhkd`). The query-major forms contract the
+    second-minor axis of both operands, which XLA:CPU runs on a generic dot path about
+    twice as slow (BUILD_NOTES.md, "Eighth session"); only dQ needs the transpose then
+    (`_dq_from_key_major`).
+    """
+    return jnp.einsum("bhkd,bhqd->bhkq", keys, queries)
+
+
+def _dq_from_key_major(ds_t: Array, k_j: Array) -> Array:
+    """dS k_j from the key-major ds_t [B, H, bk, bq] and k_j [B, H, bk, D]: f32[B, H, bq, D].
+
+    ds_t is transposed and the batch and head axes merged into one batch axis before
+    the matmul, so the transpose is materialised (as a 4-D dot XLA folds it into the
+    dot's dimension numbers and takes the slow path again). Merging batch with heads
+    keeps a batch sharding: batch is the major axis.
+    """
+    b, h, bk, bq = ds_t.shape
+    ds = jnp.swapaxes(ds_t, 2, 3).reshape(b * h, bq, bk)
+    return jnp.matmul(ds, k_j.reshape(b * h, bk, k_j.shape[-1])).reshape(b, h, bq, k_j.shape[-1])
 
 
 def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles) -> tuple[Array, Array]:
@@ -134,7 +159,7 @@ def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles)
 
         def key_block(j, carry):
             m, l, acc = carry
-            s, visible, _, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, j * bk, bk)
+            s, visible, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, j * bk, bk)
             s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet
@@ -173,15 +198,18 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
         def key_block(j, carry):
             dq_i, dk, dv = carry
             k_start = j * bk
-            s, visible, k_j, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, k_start, bk)
-            # A select, not an additive -inf bias: a masked score that is NaN (NaN in a
-            # padding token's key) must give p = 0, not NaN (NaN + -inf = NaN).
-            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
-            dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j)
-            ds = p * (dp - delta_i[..., None])
-            dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j)
-            dk_j = jax.lax.dynamic_slice_in_dim(dk, k_start, bk, axis=2) + jnp.einsum("bhqk,bhqd->bhkd", ds, q_i)
-            dv_j = jax.lax.dynamic_slice_in_dim(dv, k_start, bk, axis=2) + jnp.einsum("bhqk,bhqd->bhkd", p, do_i)
+            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
+            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
+            # Key-major tile [B, H, bk, bq] (`_key_major_scores`). A select, not an
+            # additive -inf bias: a masked score that is NaN (NaN in a padding token's
+            # key) must give p = 0, not NaN (NaN + -inf = NaN).
+            visible_t = jnp.swapaxes(_tile_mask(seg_q, seg_k, q_start, k_start), 2, 3)
+            p_t = jnp.where(visible_t, jnp.exp(_key_major_scores(k_j, q_i) - lse_i[:, :, None, :]), 0.0)
+            ds_t = p_t * (_key_major_scores(v_j, do_i) - delta_i[:, :, None, :])
+            dq_i = dq_i + _dq_from_key_major(ds_t, k_j)
+            dk_j = jax.lax.dynamic_slice_in_dim(dk, k_start, bk, axis=2) + jnp.einsum("bhkq,bhqd->bhkd", ds_t, q_i)
+            dv_j = jax.lax.dynamic_slice_in_dim(dv, k_start, bk, axis=2) + jnp.einsum("bhkq,bhqd->bhkd", p_t, do_i)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, k_start, axis=2)
             dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, k_start, axis=2)
             return dq_i, dk, dv
@@ -231,11 +259,14 @@ def _backward_unrolled(q, k, v, seg, out, lse, d_out, tiles: _Tiles):
         q_start, n = i * bq, (i + 1) * bq
         rows = slice(q_start, n)
         q_i, do_i = q[:, :, rows], d_out[:, :, rows]
-        p = jnp.exp(_prefix_tile(q_i, seg[:, rows], q_start, k, seg) - lse[:, :, rows, None])
-        ds = p * (jnp.einsum("bhqd,bhkd->bhqk", do_i, v[:, :, :n]) - delta[:, :, rows, None])
-        dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k[:, :, :n]))
-        dk = dk.at[:, :, :n].add(jnp.einsum("bhqk,bhqd->bhkd", ds, q_i))
-        dv = dv.at[:, :, :n].add(jnp.einsum("bhqk,bhqd->bhkd", p, do_i))
+        # Key-major [B, H, n, bq] (`_key_major_scores`), the same additive mask as the forward.
+        visible_t = jnp.swapaxes(_tile_mask(seg[:, rows], seg[:, :n], jnp.int32(q_start), jnp.int32(0)), 2, 3)
+        s_t = _key_major_scores(k[:, :, :n], q_i) + jnp.where(visible_t, 0.0, -jnp.inf)
+        p_t = jnp.exp(s_t - lse[:, :, None, rows])
+        ds_t = p_t * (_key_major_scores(v[:, :, :n], do_i) - delta[:, :, None, rows])
+        dqs.append(_dq_from_key_major(ds_t, k[:, :, :n]))
+        dk = dk.at[:, :, :n].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, q_i))
+        dv = dv.at[:, :, :n].add(jnp.einsum("bhkq,bhqd->bhkd", p_t, do_i))
     return jnp.concatenate(dqs, axis=2), dk, dv
 
 
