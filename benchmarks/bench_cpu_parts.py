@@ -41,7 +41,7 @@ import numpy as np
 
 from emo_jax.accelcheck.timing import time_call
 from emo_jax.kernels import capacity, reference
-from emo_jax.kernels.attention_blocked import UNROLL_QUERY_BLOCKS, blocked_attention
+from emo_jax.kernels.attention_blocked import blocked_attention
 from emo_jax.model.layers import project
 from emo_jax.moe import route_tokens
 
@@ -216,7 +216,7 @@ def attention(repeats: int) -> None:
             documents.append(("64 tokens", jnp.asarray(np.repeat(np.arange(1, s // 64 + 1), 64)[None].repeat(b, 0),
                                                        jnp.int32)))
         for docs, seg in documents:
-            paths = [("default", UNROLL_QUERY_BLOCKS)] + ([("loops", 0)] if shape != "S 2048" else [])
+            paths = [("default", None)] + ([("loops", 0)] if shape != "S 2048" else [])
             for tile, (path, unroll) in itertools.product((128, 64), paths):
                 fn = functools.partial(blocked_attention, block_q=tile, block_k=tile, unroll_blocks=unroll)
                 rows.append((shape, docs, tile, path, median_ms(fn, q, k, v, seg, repeats=repeats),

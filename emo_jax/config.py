@@ -122,7 +122,9 @@ class KernelConfig:
     # "splash" = Pallas splash attention (TPU), "flash_gpu" = Pallas flash attention
     # (GPU). "auto" = blocked on CPU, splash on TPU, flash_gpu on GPU.
     attention: Literal["auto", "reference", "blocked", "splash", "flash_gpu"] = "auto"
-    attention_block: int = 128  # query / key rows per tile of blocked, splash, flash_gpu
+    # Query / key rows per tile of blocked, splash, flash_gpu; 0 = the kernel's default
+    # (blocked 64, splash and flash_gpu 128: emo_jax.kernels.attention.DEFAULT_BLOCK).
+    attention_block: int = 0
     # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
     # "capacity" = batched matmuls over a per-expert capacity slab, dropless (fastest on
     # CPU), "blocked" = expert-aligned row blocks, "pallas" = Pallas kernels for
@@ -394,7 +396,7 @@ _RANGES: dict[str, tuple] = {
     "optimizer.eps": _POS,
     "optimizer.weight_decay": _NONNEG,
     "optimizer.grad_clip": _POS,
-    "kernels.attention_block": _POS,
+    "kernels.attention_block": _NONNEG,
     "data.seq_len": _POS,
     "data.global_batch_size": _POS,
     "data.num_workers": _NONNEG,

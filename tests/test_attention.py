@@ -71,7 +71,7 @@ def force_path(monkeypatch, path: str) -> int:
     if path == "unrolled":
         monkeypatch.setattr(attention_blocked, "UNROLL_MIN_VISITED", 0.0)
         return 1 << 20
-    return 0 if path == "loops" else attention_blocked.UNROLL_QUERY_BLOCKS
+    return 0 if path == "loops" else None
 
 
 @pytest.mark.parametrize("path", ["loops", "unrolled", "auto"])
@@ -167,7 +167,7 @@ def test_unrolled_path_runs_in_both_passes_when_chosen(monkeypatch):
     tiles = attention_blocked._Tiles(q.shape[1], block, block)
     qs, kh, vh, _ = attention_blocked._heads(q, k, v, tiles)
     padded_seg, lo = attention_blocked._segments(jnp.asarray(seg), tiles)
-    unroll = attention_blocked.UNROLL_QUERY_BLOCKS
+    unroll = None  # the default cap
     out, lse = attention_blocked._attend(qs, kh, vh, padded_seg, lo, tiles, unroll)
 
     def second_document_dq():  # from keys with NaN in the first document
@@ -266,7 +266,29 @@ def test_resolve_attention_per_platform_and_errors():
     with pytest.raises(ValueError, match="runs on tpu only"):
         attn.resolve_attention("splash", "cpu")
     with pytest.raises(ValueError, match="kernels.attention_block"):
-        attn.attention_for("blocked", 0)
+        attn.attention_for("blocked", -1)
+
+
+def test_attention_block_zero_takes_each_kernels_default():
+    """kernels.attention_block=0 (the config default): 64-row tiles for blocked, 128 for
+    splash and flash_gpu; an explicit size is passed through."""
+    assert tiny_config().kernels.attention_block == 0
+    assert attn.attention_for("blocked", 0, "cpu").keywords == {"block_q": 64, "block_k": 64}
+    assert attn.attention_for("blocked", 128, "cpu").keywords == {"block_q": 128, "block_k": 128}
+    assert attn.DEFAULT_BLOCK["splash"] == attn.DEFAULT_BLOCK["flash_gpu"] == 128
+    assert attn.attention_for("reference", 0, "cpu") is attn.reference_attention
+
+
+def test_default_unroll_cap_is_a_sequence_length():
+    """Unrolled up to a padded length of UNROLL_MAX_SEQ whatever the tile (8 tiles of 64 or
+    4 of 128 at S = 512), never beyond; an explicit unroll_blocks counts query blocks."""
+    eligible = attention_blocked._unroll_eligible
+    cap = attention_blocked.UNROLL_MAX_SEQ
+    assert eligible(attention_blocked._Tiles(cap, 64, 64), None)
+    assert eligible(attention_blocked._Tiles(cap, 128, 128), None)
+    assert not eligible(attention_blocked._Tiles(cap + 1, 64, 64), None)
+    assert not eligible(attention_blocked._Tiles(cap, 64, 64), 4)
+    assert eligible(attention_blocked._Tiles(cap, 128, 128), 4)
 
 
 def test_config_key_validated():
@@ -276,7 +298,7 @@ def test_config_key_validated():
         tiny_config("kernels.attention=flash")
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="kernels.attention_block"):
-        tiny_config("kernels.attention_block=0")
+        tiny_config("kernels.attention_block=-1")
 
 
 def test_model_blocked_attention_equals_reference():

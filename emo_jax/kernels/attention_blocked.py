@@ -19,8 +19,8 @@ so memory stays linear in S in both passes.
 The loops slice the sequence axis only; the batch and head axes stay whole inside a
 tile, so a batch sharded over a mesh stays sharded.
 
-Short sequences (at most `unroll_blocks` query blocks, 4 by default: S <= 512 with
-128-row blocks) can take an unrolled path instead: query block i is one static tile
+Short sequences (padded S <= UNROLL_MAX_SEQ = 512 by default, or at most `unroll_blocks`
+query blocks when that is given) can take an unrolled path instead: query block i is one static tile
 against its whole key prefix [0, (i + 1) * block_q), one plain softmax, no loop and no
 online rescaling. XLA:CPU runs a tile that way at about 60% of a loop tile's time
 forward and 80% with the backward (a loop body's ops cannot fuse or overlap across
@@ -29,7 +29,7 @@ skip. So the choice is made at run time (`lax.cond`, one branch runs): the unrol
 path when the loops would visit at least UNROLL_MIN_VISITED of the causal triangle's
 tiles (rows of one long document), the loops otherwise (packed short documents). The
 unrolled path never visits a block above the diagonal; its memory is quadratic only
-up to S = unroll_blocks * block_q, linear beyond (BUILD_NOTES.md, "Sixth session").
+up to the cap, linear beyond (BUILD_NOTES.md, "Sixth session").
 """
 
 from __future__ import annotations
@@ -283,7 +283,9 @@ def _segments(segment_ids, tiles: _Tiles):
     return seg, key_block_starts(seg, tiles.block_q, tiles.block_k)
 
 
-UNROLL_QUERY_BLOCKS = 4
+# Default cap of the unrolled path: padded sequences of at most this many tokens (its
+# scratch memory is quadratic in S up to here).
+UNROLL_MAX_SEQ = 512
 UNROLL_MIN_VISITED = 0.8
 
 
@@ -293,22 +295,28 @@ def _use_unrolled(lo: Array, tiles: _Tiles) -> Array:
     return jnp.sum(hi - lo + 1) >= UNROLL_MIN_VISITED * jnp.sum(hi + 1)
 
 
-def _by_path(lo: Array, tiles: _Tiles, unroll_blocks: int, unrolled, loops):
-    """loops() when the sequence has more than `unroll_blocks` query blocks, else
+def _unroll_eligible(tiles: _Tiles, unroll_blocks: int | None) -> bool:
+    """Static: at most `unroll_blocks` query blocks, or (None) a padded sequence of at
+    most UNROLL_MAX_SEQ tokens."""
+    return tiles.padded <= UNROLL_MAX_SEQ if unroll_blocks is None else tiles.n_q <= unroll_blocks
+
+
+def _by_path(lo: Array, tiles: _Tiles, unroll_blocks: int | None, unrolled, loops):
+    """loops() when the unrolled path is not eligible (`_unroll_eligible`), else
     whichever of unrolled() and loops() `_use_unrolled` picks (one runs). The forward
     and the backward both choose here, from the same `lo`, so they take the same path."""
-    if tiles.n_q > unroll_blocks:
+    if not _unroll_eligible(tiles, unroll_blocks):
         return loops()
     return jax.lax.cond(_use_unrolled(lo, tiles), unrolled, loops)
 
 
-def _attend(qs, kh, vh, seg, lo, tiles: _Tiles, unroll_blocks: int):
+def _attend(qs, kh, vh, seg, lo, tiles: _Tiles, unroll_blocks: int | None):
     """(out, lse) by the loops, or by the unrolled path when eligible and worth it."""
     return _by_path(lo, tiles, unroll_blocks, lambda: _forward_unrolled(qs, kh, vh, seg, tiles),
                     lambda: _forward(qs, kh, vh, seg, lo, tiles))
 
 
-def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_blocks: int):
+def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_blocks: int | None):
     """The backward of `_attend`, by the path its forward took."""
     return _by_path(lo, tiles, unroll_blocks, lambda: _backward_unrolled(qs, kh, vh, seg, out, lse, d_out, tiles),
                     lambda: _backward(qs, kh, vh, seg, lo, out, lse, d_out, tiles))
@@ -316,13 +324,14 @@ def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_bl
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q: int = 128,
-                      block_k: int = 128, unroll_blocks: int = UNROLL_QUERY_BLOCKS) -> Array:
+                      block_k: int = 128, unroll_blocks: int | None = None) -> Array:
     """Causal attention inside segments, scale 1/sqrt(D), without an S x S tensor.
 
     q, k, v: [B, S, H, D]; segment_ids: i32[B, S] (equal ids attend to each other,
     padding 0 included, as `layers.causal_segment_mask`). Returns [B, S, H, D] in q's
-    dtype; S need not be a multiple of the block sizes. Up to `unroll_blocks` query
-    blocks the unrolled path may run (module docstring); 0: always the loops.
+    dtype; S need not be a multiple of the block sizes. The unrolled path may run
+    (module docstring) up to `unroll_blocks` query blocks, or by default (None) up to a
+    padded length of UNROLL_MAX_SEQ tokens; 0: always the loops.
     """
     out, _ = _blocked_fwd(q, k, v, segment_ids, block_q, block_k, unroll_blocks)
     return out
