@@ -123,7 +123,7 @@ class KernelConfig:
     # (GPU). "auto" = blocked on CPU, splash on TPU, flash_gpu on GPU.
     attention: Literal["auto", "reference", "blocked", "splash", "flash_gpu"] = "auto"
     # Query / key rows per tile of blocked, splash, flash_gpu; 0 = the kernel's default
-    # (blocked 64, splash and flash_gpu 128: emo_jax.kernels.attention.DEFAULT_BLOCK).
+    # (blocked: 64 up to 512 tokens, 128 beyond; splash and flash_gpu: 128).
     attention_block: int = 0
     # MoE expert computation (emo_jax.kernels): "reference" = XLA (ragged_dot),
     # "capacity" = batched matmuls over a per-expert capacity slab, dropless (fastest on

@@ -132,8 +132,8 @@ def test_blocked_skips_blocks_above_diagonal_and_before_documents(unroll):
     """The loops never read keys and values in blocks that no query of a block can see:
     NaN there (which a visited-but-masked tile would spread through p @ v) leaves the
     output and the gradients finite and equal to the reference on clean inputs. With
-    unroll=None (the default cap, 4 query blocks here) the run-time choice takes the
-    loops: two 32-token documents per row visit 6 of the 10 causal tiles."""
+    unroll=None (the default cap; 4 query blocks of 16 here) the run-time choice takes
+    the loops: two 32-token documents per row visit 6 of the 10 causal tiles."""
     block = 16
     seg, q, k, v = two_documents()
     # Query block 3 (rows 48..63, document 2) must skip key blocks 0 and 1 (document 1).
@@ -206,9 +206,9 @@ def _temp_bytes(seq: int, kernel) -> int:
 def test_blocked_memory_linear_in_sequence():
     """Compiled scratch memory of forward+backward grows ~4x from S=512 to 2048 for the
     loops (linear), ~16x for the reference (its [B, H, S, S] scores); with the default
-    unrolled path (S <= 512 at 128-row blocks) too from S=2048 to 8192."""
+    tiles and unrolled path (quadratic only up to 512 tokens) too from S=2048 to 8192."""
     loops = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128, 0)  # noqa: E731
-    default = lambda q, k, v, s: blocked_attention(q, k, v, s, 128, 128)  # noqa: E731
+    default = lambda q, k, v, s: blocked_attention(q, k, v, s)  # noqa: E731
     blocked = _temp_bytes(2048, loops) / _temp_bytes(512, loops)
     reference = _temp_bytes(2048, attn.reference_attention) / _temp_bytes(512, attn.reference_attention)
     assert blocked < 6, blocked
@@ -270,12 +270,17 @@ def test_resolve_attention_per_platform_and_errors():
 
 
 def test_attention_block_zero_takes_each_kernels_default():
-    """kernels.attention_block=0 (the config default): 64-row tiles for blocked, 128 for
-    splash and flash_gpu; an explicit size is passed through."""
+    """kernels.attention_block=0 (the config default): blocked picks its tile from the
+    sequence length (64 rows up to 512 tokens, 128 beyond), splash and flash_gpu take 128;
+    an explicit size is passed through."""
     assert tiny_config().kernels.attention_block == 0
-    assert attn.attention_for("blocked", 0, "cpu").keywords == {"block_q": 64, "block_k": 64}
+    assert attn.attention_for("blocked", 0, "cpu").keywords == {"block_q": None, "block_k": None}
     assert attn.attention_for("blocked", 128, "cpu").keywords == {"block_q": 128, "block_k": 128}
-    assert attn.DEFAULT_BLOCK["splash"] == attn.DEFAULT_BLOCK["flash_gpu"] == 128
+    assert [attention_blocked.default_block(s) for s in (1, 256, 512, 513, 4096)] == [64, 64, 64, 128, 128]
+    tiles = attention_blocked._Tiles(512, None, None)
+    assert (tiles.block_q, tiles.block_k, tiles.n_q) == (64, 64, 8)
+    assert attn.attention_for("splash", 0, "tpu").keywords == {"block": 128}
+    assert attn.attention_for("flash_gpu", 0, "gpu").keywords == {"block": 128}
     assert attn.attention_for("reference", 0, "cpu") is attn.reference_attention
 
 
@@ -289,6 +294,32 @@ def test_default_unroll_cap_is_a_sequence_length():
     assert not eligible(attention_blocked._Tiles(cap + 1, 64, 64), None)
     assert not eligible(attention_blocked._Tiles(cap, 64, 64), 4)
     assert eligible(attention_blocked._Tiles(cap, 128, 128), 4)
+    # Tiny tiles: at most UNROLL_MAX_BLOCKS unrolled blocks (each one adds to the program).
+    assert eligible(attention_blocked._Tiles(128, 16, 16), None)
+    assert not eligible(attention_blocked._Tiles(cap, 16, 16), None)
+
+
+@pytest.mark.parametrize("path", ["loops", "unrolled"])
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (4, 2)])
+def test_blocked_gradients_keep_a_head_sharding(path, mesh_shape, monkeypatch):
+    """Batch over `data` and heads over `tensor` (the model's logical rules): outputs and
+    gradients equal the unsharded ones and keep that sharding (the backward's dq transpose
+    must not merge the batch and head axes, which made XLA gather every tile)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    unroll = force_path(monkeypatch, path)
+    seg = jnp.asarray(np.repeat(np.array([[1] * 40 + [2] * 24]), 4, axis=0), jnp.int32)  # [4, 64]
+    q, k, v = qkv(5, 4, 64, heads=4)
+    cot = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+    fn = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(blocked_attention(q, k, v, seg, 16, 16, unroll) * cot),
+                                    argnums=(0, 1, 2)))
+    want = fn(q, k, v)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "tensor"))
+    sharding = NamedSharding(mesh, PartitionSpec("data", None, "tensor", None))
+    got = fn(*(jax.device_put(x, sharding) for x in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6, rtol=0)
+        assert g.sharding.is_equivalent_to(sharding, g.ndim), g.sharding
 
 
 def test_config_key_validated():

@@ -52,25 +52,25 @@ def resolve_attention(name: str = "auto", platform: str | None = None) -> str:
     return name
 
 
-# Tile rows of each kernel when `kernels.attention_block` is 0. The blocked kernel runs
-# on XLA:CPU, where 64-row tiles measured 13-36% faster forward + backward than 128 at
-# S <= 512 (BUILD_NOTES.md, "Eighth session"); splash needs multiples of 128 (TPU lanes).
-DEFAULT_BLOCK = {"blocked": 64, "splash": 128, "flash_gpu": 128}
+# Tile rows of the Pallas kernels when `kernels.attention_block` is 0 (splash needs
+# multiples of 128: TPU lanes). `blocked` then picks its tile from the sequence length
+# (`attention_blocked.default_block`: 64 rows up to 512 tokens, 128 beyond).
+DEFAULT_BLOCK = {"splash": 128, "flash_gpu": 128}
 
 
 @functools.cache
 def attention_for(name: str = "auto", block: int = 0, platform: str | None = None) -> AttentionFn:
     """The attention function of kernel `name` (see module docstring) with tiles of
-    `block` rows (0: the kernel's DEFAULT_BLOCK)."""
+    `block` rows (0: the kernel's default, above)."""
     if block < 0:
         raise ValueError(f"attention block size must be positive (or 0 for the kernel's default), got {block} "
                          "(config key kernels.attention_block).")
     name = resolve_attention(name, platform)
     if name == "reference":
         return reference_attention
-    block = block or DEFAULT_BLOCK[name]
     if name == "blocked":
-        return functools.partial(blocked_attention, block_q=block, block_k=block)
+        return functools.partial(blocked_attention, block_q=block or None, block_k=block or None)
+    block = block or DEFAULT_BLOCK[name]
     from emo_jax.kernels import attention_pallas
     kernel = attention_pallas.splash_attention if name == "splash" else attention_pallas.gpu_flash_attention
     return functools.partial(kernel, block=block)

@@ -19,8 +19,9 @@ so memory stays linear in S in both passes.
 The loops slice the sequence axis only; the batch and head axes stay whole inside a
 tile, so a batch sharded over a mesh stays sharded.
 
-Short sequences (padded S <= UNROLL_MAX_SEQ = 512 by default, or at most `unroll_blocks`
-query blocks when that is given) can take an unrolled path instead: query block i is one static tile
+Short sequences (by default padded S <= UNROLL_MAX_SEQ = 512 in at most UNROLL_MAX_BLOCKS
+= 8 blocks, or at most `unroll_blocks` query blocks when that is given) can take an
+unrolled path instead: query block i is one static tile
 against its whole key prefix [0, (i + 1) * block_q), one plain softmax, no loop and no
 online rescaling. XLA:CPU runs a tile that way at about 60% of a loop tile's time
 forward and 80% with the backward (a loop body's ops cannot fuse or overlap across
@@ -44,6 +45,19 @@ Array = jax.Array
 
 # Visible to padding-of-the-padding only: the rows added to reach a whole block.
 FILL_SEGMENT = -1
+
+# Default cap of the unrolled path: padded sequences of at most UNROLL_MAX_SEQ tokens
+# (its scratch memory is quadratic in S up to here) in at most UNROLL_MAX_BLOCKS query
+# blocks (each unrolled block adds to the program: tiny tiles would compile for long).
+UNROLL_MAX_SEQ = 512
+UNROLL_MAX_BLOCKS = 8
+
+
+def default_block(seq: int) -> int:
+    """Tile rows when none is given: 64 up to UNROLL_MAX_SEQ tokens, 128 beyond. On XLA:CPU
+    64-row tiles measured 13-36% faster forward + backward than 128 at S <= 512, and up to
+    1.27x slower at S = 2048 with 64-dim heads (BUILD_NOTES.md, "Eighth session")."""
+    return 64 if seq <= UNROLL_MAX_SEQ else 128
 
 
 def first_occurrence(segment_ids: Array) -> Array:
@@ -84,7 +98,9 @@ def pad_to(x: Array, length: int, axis: int, value=0) -> Array:
 class _Tiles:
     """Static tiling of one call: block sizes, padded length, block counts."""
 
-    def __init__(self, seq: int, block_q: int, block_k: int):
+    def __init__(self, seq: int, block_q: int | None, block_k: int | None):
+        block_q = default_block(seq) if block_q is None else block_q
+        block_k = default_block(seq) if block_k is None else block_k
         if block_q < 1 or block_k < 1:
             raise ValueError(f"attention block sizes must be positive, got block_q={block_q}, block_k={block_k}.")
         block_q, block_k = min(block_q, seq), min(block_k, seq)  # a short sequence is one tile
@@ -133,14 +149,12 @@ def _key_major_scores(keys: Array, queries: Array) -> Array:
 def _dq_from_key_major(ds_t: Array, k_j: Array) -> Array:
     """dS k_j from the key-major ds_t [B, H, bk, bq] and k_j [B, H, bk, D]: f32[B, H, bq, D].
 
-    ds_t is transposed and the batch and head axes merged into one batch axis before
-    the matmul, so the transpose is materialised (as a 4-D dot XLA folds it into the
-    dot's dimension numbers and takes the slow path again). Merging batch with heads
-    keeps a batch sharding: batch is the major axis.
+    The transpose of ds_t is materialised behind an optimization barrier: left to XLA it
+    is folded into the dot's dimension numbers, which is the slow form again. (Merging
+    batch and heads into one axis also materialises it, equally fast, but breaks a head
+    sharding over the `tensor` mesh axis: XLA then gathers the tiles every iteration.)
     """
-    b, h, bk, bq = ds_t.shape
-    ds = jnp.swapaxes(ds_t, 2, 3).reshape(b * h, bq, bk)
-    return jnp.matmul(ds, k_j.reshape(b * h, bk, k_j.shape[-1])).reshape(b, h, bq, k_j.shape[-1])
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 2, 3)), k_j)
 
 
 def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles) -> tuple[Array, Array]:
@@ -283,9 +297,6 @@ def _segments(segment_ids, tiles: _Tiles):
     return seg, key_block_starts(seg, tiles.block_q, tiles.block_k)
 
 
-# Default cap of the unrolled path: padded sequences of at most this many tokens (its
-# scratch memory is quadratic in S up to here).
-UNROLL_MAX_SEQ = 512
 UNROLL_MIN_VISITED = 0.8
 
 
@@ -297,8 +308,10 @@ def _use_unrolled(lo: Array, tiles: _Tiles) -> Array:
 
 def _unroll_eligible(tiles: _Tiles, unroll_blocks: int | None) -> bool:
     """Static: at most `unroll_blocks` query blocks, or (None) a padded sequence of at
-    most UNROLL_MAX_SEQ tokens."""
-    return tiles.padded <= UNROLL_MAX_SEQ if unroll_blocks is None else tiles.n_q <= unroll_blocks
+    most UNROLL_MAX_SEQ tokens in at most UNROLL_MAX_BLOCKS blocks."""
+    if unroll_blocks is None:
+        return tiles.padded <= UNROLL_MAX_SEQ and tiles.n_q <= UNROLL_MAX_BLOCKS
+    return tiles.n_q <= unroll_blocks
 
 
 def _by_path(lo: Array, tiles: _Tiles, unroll_blocks: int | None, unrolled, loops):
@@ -323,15 +336,16 @@ def _attend_grads(qs, kh, vh, seg, lo, out, lse, d_out, tiles: _Tiles, unroll_bl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q: int = 128,
-                      block_k: int = 128, unroll_blocks: int | None = None) -> Array:
+def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_q: int | None = None,
+                      block_k: int | None = None, unroll_blocks: int | None = None) -> Array:
     """Causal attention inside segments, scale 1/sqrt(D), without an S x S tensor.
 
     q, k, v: [B, S, H, D]; segment_ids: i32[B, S] (equal ids attend to each other,
     padding 0 included, as `layers.causal_segment_mask`). Returns [B, S, H, D] in q's
-    dtype; S need not be a multiple of the block sizes. The unrolled path may run
-    (module docstring) up to `unroll_blocks` query blocks, or by default (None) up to a
-    padded length of UNROLL_MAX_SEQ tokens; 0: always the loops.
+    dtype; S need not be a multiple of the block sizes; a block size left None is
+    `default_block(S)`. The unrolled path may run (module docstring) up to `unroll_blocks`
+    query blocks, or by default (None) up to a padded length of UNROLL_MAX_SEQ tokens in
+    at most UNROLL_MAX_BLOCKS blocks; 0: always the loops.
     """
     out, _ = _blocked_fwd(q, k, v, segment_ids, block_q, block_k, unroll_blocks)
     return out
