@@ -8,7 +8,5 @@ export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_PLATFORMS=cpu
 source launch/allocator.sh && emo_preload_allocator  # jemalloc when installed (fewer page faults)
 # Two pytest workers (pytest-xdist), one test file each at a time: XLA compiles on one
-# core, so two processes keep a 2-core machine busy (~9 min instead of ~17). Files go
-# out in collection order, the longest first (tests/conftest.py), not xdist's default
-# of most tests first, which started the longest file near the end.
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# core, so two processes keep a 2-core machine busy (~9 min instead of ~17).
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

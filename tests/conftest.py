@@ -17,17 +17,5 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# The longest test files (cold-cache seconds on 2 cores, `--durations`): collected first,
-# so that with two workers taking whole files (launch/test.sh) none of them starts last
-# and decides the end of the run. Other files keep their order.
-LONGEST_FILES = ("test_train_loop.py", "test_parallel_train.py", "test_selective.py", "test_nnx.py",
-                 "test_train_core.py", "test_accelcheck_benchmarks.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
-
-
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
