@@ -124,14 +124,17 @@ def _tile_mask(seg_q: Array, seg_k: Array, q_start: Array, k_start: Array) -> Ar
 
 
 def _key_tile(q_i: Array, seg_q: Array, q_start: Array, k: Array, v: Array, seg: Array, k_start: Array,
-              block_k: int) -> tuple[Array, Array, Array]:
+              block_k: int, key_major: bool = False) -> tuple[Array, Array, Array, Array]:
     """The key tile at k_start against query tile q_i [B, H, bq, D]: (scores [B, H, bq, bk],
-    bool visibility [B, 1, bq, bk], v_j [B, H, bk, D])."""
+    bool visibility [B, 1, bq, bk], k_j, v_j [B, H, bk, D]); key_major: scores and
+    visibility transposed, [B, H, bk, bq] and [B, 1, bk, bq] (`_key_major_scores`)."""
     k_j = jax.lax.dynamic_slice_in_dim(k, k_start, block_k, axis=2)
     v_j = jax.lax.dynamic_slice_in_dim(v, k_start, block_k, axis=2)
     seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, block_k, axis=1)
-    s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j)
-    return s, _tile_mask(seg_q, seg_k, q_start, k_start), v_j
+    visible = _tile_mask(seg_q, seg_k, q_start, k_start)
+    if key_major:
+        return _key_major_scores(k_j, q_i), jnp.swapaxes(visible, 2, 3), k_j, v_j
+    return jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j), visible, k_j, v_j
 
 
 def _key_major_scores(keys: Array, queries: Array) -> Array:
@@ -173,7 +176,7 @@ def _forward(q: Array, k: Array, v: Array, seg: Array, lo: Array, tiles: _Tiles)
 
         def key_block(j, carry):
             m, l, acc = carry
-            s, visible, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, j * bk, bk)
+            s, visible, _, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, j * bk, bk)
             s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet
@@ -212,14 +215,10 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
         def key_block(j, carry):
             dq_i, dk, dv = carry
             k_start = j * bk
-            k_j = jax.lax.dynamic_slice_in_dim(k, k_start, bk, axis=2)
-            v_j = jax.lax.dynamic_slice_in_dim(v, k_start, bk, axis=2)
-            seg_k = jax.lax.dynamic_slice_in_dim(seg, k_start, bk, axis=1)
-            # Key-major tile [B, H, bk, bq] (`_key_major_scores`). A select, not an
-            # additive -inf bias: a masked score that is NaN (NaN in a padding token's
-            # key) must give p = 0, not NaN (NaN + -inf = NaN).
-            visible_t = jnp.swapaxes(_tile_mask(seg_q, seg_k, q_start, k_start), 2, 3)
-            p_t = jnp.where(visible_t, jnp.exp(_key_major_scores(k_j, q_i) - lse_i[:, :, None, :]), 0.0)
+            s_t, visible_t, k_j, v_j = _key_tile(q_i, seg_q, q_start, k, v, seg, k_start, bk, key_major=True)
+            # A select, not an additive -inf bias: a masked score that is NaN (NaN in a
+            # padding token's key) must give p = 0, not NaN (NaN + -inf = NaN).
+            p_t = jnp.where(visible_t, jnp.exp(s_t - lse_i[:, :, None, :]), 0.0)
             ds_t = p_t * (_key_major_scores(v_j, do_i) - delta_i[:, :, None, :])
             dq_i = dq_i + _dq_from_key_major(ds_t, k_j)
             dk_j = jax.lax.dynamic_slice_in_dim(dk, k_start, bk, axis=2) + jnp.einsum("bhkq,bhqd->bhkd", ds_t, q_i)
@@ -237,15 +236,17 @@ def _backward(q, k, v, seg, lo, out, lse, d_out, tiles: _Tiles):
     return jax.lax.fori_loop(0, tiles.n_q, query_block, (zeros, zeros, zeros))
 
 
-def _prefix_tile(q_i: Array, seg_q: Array, q_start: int, k: Array, seg: Array) -> Array:
+def _prefix_tile(q_i: Array, seg_q: Array, q_start: int, k: Array, seg: Array, key_major: bool = False) -> Array:
     """Scores of query block q_i [B, H, bq, D] against every key before the block's end
-    (static length n = q_start + bq), -inf where not visible: f32[B, H, bq, n]."""
+    (static length n = q_start + bq), -inf where not visible: f32[B, H, bq, n], or
+    key-major f32[B, H, n, bq] (`_key_major_scores`)."""
     n = q_start + q_i.shape[2]
-    s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k[:, :, :n])
-    visible = _tile_mask(seg_q, seg[:, :n], jnp.int32(q_start), jnp.int32(0))
     # Additive (one fused pass on XLA:CPU): a NaN score stays NaN even where masked,
     # which the loops' selects avoid; this path reads the whole prefix anyway.
-    return s + jnp.where(visible, 0.0, -jnp.inf)
+    bias = jnp.where(_tile_mask(seg_q, seg[:, :n], jnp.int32(q_start), jnp.int32(0)), 0.0, -jnp.inf)
+    if key_major:
+        return _key_major_scores(k[:, :, :n], q_i) + jnp.swapaxes(bias, 2, 3)
+    return jnp.einsum("bhqd,bhkd->bhqk", q_i, k[:, :, :n]) + bias
 
 
 def _forward_unrolled(q: Array, k: Array, v: Array, seg: Array, tiles: _Tiles) -> tuple[Array, Array]:
@@ -273,10 +274,7 @@ def _backward_unrolled(q, k, v, seg, out, lse, d_out, tiles: _Tiles):
         q_start, n = i * bq, (i + 1) * bq
         rows = slice(q_start, n)
         q_i, do_i = q[:, :, rows], d_out[:, :, rows]
-        # Key-major [B, H, n, bq] (`_key_major_scores`), the same additive mask as the forward.
-        visible_t = jnp.swapaxes(_tile_mask(seg[:, rows], seg[:, :n], jnp.int32(q_start), jnp.int32(0)), 2, 3)
-        s_t = _key_major_scores(k[:, :, :n], q_i) + jnp.where(visible_t, 0.0, -jnp.inf)
-        p_t = jnp.exp(s_t - lse[:, :, None, rows])
+        p_t = jnp.exp(_prefix_tile(q_i, seg[:, rows], q_start, k, seg, key_major=True) - lse[:, :, None, rows])
         ds_t = p_t * (_key_major_scores(v[:, :, :n], do_i) - delta[:, :, None, rows])
         dqs.append(_dq_from_key_major(ds_t, k[:, :, :n]))
         dk = dk.at[:, :, :n].add(jnp.einsum("bhkq,bhqd->bhkd", ds_t, q_i))
