@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from emo_jax import kernels
-from emo_jax.kernels.capacity import capacity_for, grouped_swiglu_capacity, overflow_block_sizes, plan_for_sorted_rows
+from emo_jax.kernels.capacity import (OVERFLOW_BLOCK_ROWS, _static_sizes, capacity_for, default_block_sizes,
+                                      grouped_swiglu_capacity, overflow_block_sizes, plan_for_sorted_rows)
 from emo_jax.kernels.reference import grouped_swiglu
 from moe_layer_check import assert_layer_matches_reference  # noqa: E402
 
@@ -92,6 +93,14 @@ def test_overflow_tiers_split_each_experts_overflow_by_block_size():
     np.testing.assert_array_equal(np.asarray(big.first), [8, 16, 29, 57])  # group start + capacity
     assert overflow_block_sizes((4, 16, 4), 100) == (16, 4)
     assert overflow_block_sizes(64, 10) == (10,)  # never above the rows there are
+    # Default sizes: each kept only where the copies hold 24 blocks of it; 32 always.
+    assert default_block_sizes(32768) == default_block_sizes(12288) == OVERFLOW_BLOCK_ROWS  # S2, reproduction
+    assert default_block_sizes(12287) == (256, 128, 64, 32)
+    assert default_block_sizes(3072) == (128, 64, 32)  # configs/tiny.yaml
+    assert default_block_sizes(100) == (32,)
+    # The expert-parallel receive buffer: sizes follow its expected fill, not its length.
+    assert _static_sizes(32768, 8, 1.0, 3072, None) == (384, (128, 64, 32))
+    assert _static_sizes(3072, 8, 1.0, None, (16, 4)) == (384, (16, 4))  # explicit sizes as given
     with pytest.raises(ValueError, match="overflow block sizes"):
         overflow_block_sizes((0,), 10)
 

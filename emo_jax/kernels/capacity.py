@@ -15,7 +15,7 @@ their gates. No [M, D] expert-sorted buffer is built: one row gather in, one out
 (docs/kernels.md, "The capacity backend").
 
 Dropless: copies past C in their group (overflow) are not dropped. After the slab, one
-`lax.fori_loop` per overflow block size (`OVERFLOW_BLOCK_ROWS`), each with a traced
+`lax.fori_loop` per overflow block size (`default_block_sizes`), each with a traced
 trip count (0 when nothing overflows), runs the SwiGLU over blocks of R overflow
 copies, gathering their token rows, and scatter-adds gate * output into the token
 output in place. Their gradient is the same loops (recomputing each block's forward),
@@ -59,6 +59,19 @@ CAPACITY_ALIGN = 8
 # overflow`; under skewed routing at S2 the SwiGLU with gradients takes 2.2x a dense one
 # with these sizes against 3.2x with 32-row blocks only: `bench_grouped_matmul.py`).
 OVERFLOW_BLOCK_ROWS = (512, 256, 128, 64, 32)
+# By default a size above the smallest is kept only where the problem holds at least this
+# many blocks of it. Every size is one forward and one backward loop to compile: at
+# configs/tiny.yaml (3072 copies) the sizes 512 and 256 cost about 1.1 s of each
+# train-step compile (6.0 s against 5.1-5.3 s) and nothing measurable at run time
+# (BUILD_NOTES.md, "Ninth session"). Issue 16's S1 and S2 and the reproduction's
+# 12288 copies keep every size.
+MIN_BLOCKS_PER_SIZE = 24
+
+
+def default_block_sizes(rows: int) -> tuple[int, ...]:
+    """OVERFLOW_BLOCK_ROWS without the sizes that `rows` copies hold fewer than
+    MIN_BLOCKS_PER_SIZE blocks of; the smallest size is always kept."""
+    return tuple(r for r in OVERFLOW_BLOCK_ROWS[:-1] if r * MIN_BLOCKS_PER_SIZE <= rows) + OVERFLOW_BLOCK_ROWS[-1:]
 
 
 def capacity_for(rows: int, num_experts: int, capacity_factor: float, align: int = CAPACITY_ALIGN) -> int:
@@ -350,24 +363,26 @@ _slab_moe.defvjp(_slab_moe_fwd, _slab_moe_bwd)
 
 
 def _static_sizes(copies: int, num_experts: int, capacity_factor: float, expected_rows: int | None,
-                  block_rows: int | tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
-    """(capacity C, overflow block sizes) for `copies` copies, C sized for
-    min(copies, expected_rows)."""
-    return (capacity_for(min(copies, expected_rows or copies), num_experts, capacity_factor),
-            overflow_block_sizes(block_rows, copies))
+                  block_rows: int | tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
+    """(capacity C, overflow block sizes) for `copies` copies, C and the default block
+    sizes (block_rows None) chosen for min(copies, expected_rows)."""
+    rows = min(copies, expected_rows or copies)
+    sizes = default_block_sizes(rows) if block_rows is None else block_rows
+    return capacity_for(rows, num_experts, capacity_factor), overflow_block_sizes(sizes, copies)
 
 
 def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_gate: Array, w_up: Array,
                      w_down: Array, capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
                      expected_rows: int | None = None,
-                     block_rows: int | tuple[int, ...] = OVERFLOW_BLOCK_ROWS) -> Array:
+                     block_rows: int | tuple[int, ...] | None = None) -> Array:
     """Same contract as `reference.moe_ffn`: x [T, D]; expert_ids i32[T, K]; gates
     f32[T, K]; valid bool[T]; w_gate, w_up [E, D, H], w_down [E, H, D] -> [T, D],
     dropless whatever the capacity factor; padding tokens give 0.
 
     expected_rows: the copies the capacity is sized for (default T * K); a buffer that
     is mostly empty by construction (the expert-parallel receive buffer) passes its
-    expected fill, so the slab is not sized for the worst case."""
+    expected fill, so the slab is not sized for the worst case. block_rows: the overflow
+    block sizes; None = `default_block_sizes` of that many copies."""
     num_experts = w_gate.shape[0]
     capacity, block_sizes = _static_sizes(expert_ids.size, num_experts, capacity_factor, expected_rows, block_rows)
     plan = plan_for_copies(expert_ids, valid, num_experts, capacity, block_sizes)
@@ -376,7 +391,7 @@ def moe_ffn_capacity(x: Array, expert_ids: Array, gates: Array, valid: Array, w_
 
 def grouped_swiglu_capacity(x_sorted: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array,
                             capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
-                            block_rows: int | tuple[int, ...] = OVERFLOW_BLOCK_ROWS,
+                            block_rows: int | tuple[int, ...] | None = None,
                             expected_rows: int | None = None) -> Array:
     """Same contract as `reference.grouped_swiglu`: x_sorted [M, D] grouped by
     group_sizes i32[E]; w_gate, w_up [E, D, H], w_down [E, H, D] -> [M, D]; rows past
