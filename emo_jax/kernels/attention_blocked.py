@@ -99,8 +99,7 @@ class _Tiles:
     """Static tiling of one call: block sizes, padded length, block counts."""
 
     def __init__(self, seq: int, block_q: int | None, block_k: int | None):
-        block_q = default_block(seq) if block_q is None else block_q
-        block_k = default_block(seq) if block_k is None else block_k
+        block_q, block_k = (default_block(seq) if b is None else b for b in (block_q, block_k))
         if block_q < 1 or block_k < 1:
             raise ValueError(f"attention block sizes must be positive, got block_q={block_q}, block_k={block_k}.")
         block_q, block_k = min(block_q, seq), min(block_k, seq)  # a short sequence is one tile
