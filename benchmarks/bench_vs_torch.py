@@ -96,6 +96,22 @@ def batches(shape: str, seed: int = 0) -> tuple[dict, dict]:
     return whole, packed
 
 
+def cpu_description() -> str:
+    """The host CPU as /proc/cpuinfo names it, with its widest vector extension: the
+    ratios move with the host (BUILD_NOTES.md, "Tenth session", an AVX2-only one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "-")
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}, {isa})")
+
+
 def time_call(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -284,7 +300,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     peaks = {"jax": jax_peak(), "torch": torch_peak(torch)}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+    print(f"machine: {platform.machine()}, {cpu_description()}, {os.cpu_count()} CPUs "
           f"(load average {os.getloadavg()[0]:.1f}); jax {jax.__version__} on {jax.default_backend()}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
     preload = os.environ.get("LD_PRELOAD", "")
