@@ -131,7 +131,7 @@ class KernelConfig:
     # dispatch, grouped matmul and combine (Mosaic TPU / Triton GPU; TPU interpret mode
     # on CPU, correctness only). "auto" = capacity on CPU, reference elsewhere: pallas is
     # opt-in until measured on an accelerator (docs/kernels.md#pallas-backend). A call
-    # with fewer token copies than experts (a decode step) gathers each copy's expert
+    # with at most as many token copies as experts (a decode step) gathers each copy's expert
     # weights instead, whatever the backend (docs/kernels.md, "A handful of tokens").
     moe_backend: Literal["auto", "reference", "capacity", "blocked", "pallas"] = "auto"
     # Expert-parallel token exchange: "auto" = ragged_all_to_all on GPU/TPU, dense

@@ -100,7 +100,7 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     with experts N..E-1 shared; w_shared_router: f32[D, n_s] for n_s >= 2 (their softmax
     weights), else None (weight 1). Returns (y [B, S, D], stats summed over these tokens).
     The routed experts go through `ffn` (dispatch, grouped SwiGLU, combine), or, when
-    the call has fewer token copies than routed experts, through
+    the call has at most as many token copies as routed experts, through
     `kernels.gathered.moe_ffn_gathered`; the shared experts are a dense SwiGLU over
     every token (`shared_experts_ffn`), added after.
     """
@@ -115,7 +115,7 @@ def moe_layer(x: Array, segment_ids: Array, pool_sizes: Array | None, w_router: 
     n_routed = w_router.shape[-1]
     tokens, valid = x.reshape(-1, d_model), (segment_ids > 0).reshape(-1)
     # Routed experts through dispatch; the shared ones densely, next to it. A call with
-    # fewer copies than experts (a decode step) gathers each copy's expert weights
+    # at most as many copies as experts (a decode step) gathers each copy's expert weights
     # instead of reading all of them (emo_jax/kernels/gathered.py).
     if use_gathered(tokens.shape[0] * k, n_routed):
         ffn = moe_ffn_gathered

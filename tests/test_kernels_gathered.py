@@ -67,14 +67,15 @@ def _refuse(*args, **kwargs):
     raise AssertionError("the configured expert ffn ran")
 
 
-def test_moe_layer_gathers_per_copy_only_for_fewer_copies_than_experts():
-    assert use_gathered(7, 8) and not use_gathered(8, 8)
-    x, seg, wr, w = _layer_inputs(batch=1, seq=3)  # 3 tokens x top-2 = 6 copies < 8 experts
+@pytest.mark.parametrize("seq", [3, 4])  # 3 or 4 tokens x top-2 = 6 or 8 copies <= 8 experts
+def test_moe_layer_gathers_per_copy_only_for_at_most_as_many_copies_as_experts(seq):
+    assert use_gathered(7, 8) and use_gathered(8, 8) and not use_gathered(9, 8)
+    x, seg, wr, w = _layer_inputs(batch=1, seq=seq)
     y, _ = moe.moe_layer(x, seg, None, wr, *w, routed_top_k=2, n_shared=0, ffn=_refuse)
     ids, gates, _, _ = moe.route_tokens(x, seg, None, wr, 2, 0, None)
     tokens, valid = x.reshape(-1, x.shape[-1]), (seg > 0).reshape(-1)
     want = reference.moe_ffn(tokens, ids.reshape(-1, 2), gates.reshape(-1, 2), valid, *w)
     np.testing.assert_allclose(np.asarray(y).reshape(tokens.shape), np.asarray(want), rtol=1e-5, atol=1e-6)
-    x, seg, wr, w = _layer_inputs(batch=1, seq=4)  # 8 copies: the configured ffn
+    x, seg, wr, w = _layer_inputs(batch=1, seq=5)  # 10 copies: the configured ffn
     with pytest.raises(AssertionError, match="configured expert ffn ran"):
         moe.moe_layer(x, seg, None, wr, *w, routed_top_k=2, n_shared=0, ffn=_refuse)

@@ -15,9 +15,9 @@ contracts of `kernels.reference` (dispatch, grouped_matmul, combine, moe_ffn):
              on TPU, Triton on GPU, the TPU kernels in interpret mode on CPU
              (correctness only, slow). Opt-in: not yet measured on an accelerator.
   auto       capacity on CPU, reference elsewhere
-`moe.moe_layer` bypasses the backend for calls with fewer token copies than experts (a
-decode step): `kernels.gathered` gathers each copy's expert weights instead of reading
-the whole stack.
+`moe.moe_layer` bypasses the backend for calls with at most as many token copies as
+experts (a decode step): `kernels.gathered` gathers each copy's expert weights instead
+of reading the whole stack.
 """
 
 from __future__ import annotations
