@@ -103,12 +103,12 @@ def cpu_description() -> str:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+        return platform.processor() or "CPU model unknown"
+    first_cpu = (line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in first_cpu}
     flags = set(fields.get("flags", "").split())
     isa = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "-")
-    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, "
+    return (f"{fields.get('model name', 'CPU model unknown')} (family {fields.get('cpu family', '?')}, "
             f"model {fields.get('model', '?')}, {isa})")
 
 

@@ -63,9 +63,8 @@ OVERFLOW_BLOCK_ROWS = (512, 256, 128, 64, 32)
 # many blocks of it. Every size is one forward and one backward loop to compile: at
 # configs/tiny.yaml (3072 copies) the sizes 512 and 256 cost about 1.1 s of each train
 # step's tracing and compile (compile 6.0 s against 5.1-5.3 s, tracing 0.25 s) and
-# nothing measurable at run time
-# (BUILD_NOTES.md, "Ninth session"). Issue 16's S1 and S2 and the reproduction's
-# 12288 copies keep every size.
+# nothing measurable at run time (BUILD_NOTES.md, "Ninth session"). Issue 16's S1 and S2
+# and the reproduction's 12288 copies keep every size.
 MIN_BLOCKS_PER_SIZE = 24
 
 
