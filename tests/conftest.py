@@ -11,11 +11,39 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# On CPU the tests compile hundreds of tiny programs whose run time is negligible next to
+# their compile time. XLA's backend optimisation level 0 (jax's "most optimisations off")
+# takes about a third off the default run (BUILD_NOTES.md, "Test run time"). It changes
+# float rounding only, within every test's tolerance; the training subprocesses the tests
+# start inherit it. A test that pins a bitwise property of the optimised program takes the
+# `full_optimization` fixture below. The suite as training compiles it:
+#   JAX_DISABLE_MOST_OPTIMIZATIONS=0 bash launch/test.sh
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+    level = "most optimisations off" if jax.config.values["jax_disable_most_optimizations"] else "full"
+    return (f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}, "
+            f"XLA optimisation: {level}")
+
+
+@pytest.fixture
+def full_optimization():
+    """Compiles everything in the test at XLA's full optimisation, as training does.
+    In-memory caches are cleared on both sides, so no program compiled at the other
+    level is reused (the persistent cache keys on the level)."""
+    flag = "jax_disable_most_optimizations"
+    previous = jax.config.values[flag]
+    jax.clear_caches()
+    jax.config.update(flag, False)
+    try:
+        yield
+    finally:
+        jax.config.update(flag, previous)
+        jax.clear_caches()

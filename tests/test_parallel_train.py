@@ -121,8 +121,10 @@ def test_sharded_step_matches_single_device(single_refs, step_batch, shape, micr
     _assert_tree_close(new_state.opt_state, ref_state.opt_state, rtol=1e-4, what="opt_state")
 
 
-def test_sharded_init_equals_single_device_init(single_refs):
-    single = single_refs[1][0]
+def test_sharded_init_equals_single_device_init(full_optimization):
+    # Bitwise, as training compiles it. (With most optimisations off, 4% of one weight's
+    # entries differ by an ulp between the two programs: float rounding, not the data.)
+    single = SingleDevice(_config("data.global_batch_size=16"))
     tr = make_sharded_trainer(_config("data.global_batch_size=16", *_mesh_overrides((2, 1, 4))))
     state = tr.init_state(jax.random.PRNGKey(0))
     _assert_tree_close(state.params, single.state.params, rtol=0, what="init")
